@@ -1,0 +1,90 @@
+"""Row schema shared by every loader, the synthetic world and the evaluator.
+
+A *question row* is one question (an original, one of its answer-preserving paraphrases, or an
+answer-inverting operator variant) asked about one image. Real loaders (PSF-Med-style files) and
+the SynthCXR generator both produce exactly these rows, so the evaluator never knows which world
+it runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Split = Literal["train", "val", "test"]
+
+#: Paraphrase families (answer-preserving), from the PSF-Med taxonomy.
+PARAPHRASE_FAMILIES: tuple[str, ...] = (
+    "lexical",  # word substitution: "enlarged heart" for "cardiomegaly"
+    "syntactic",  # restructuring: "Does the image show X?" for "Is there X?"
+    "register",  # formality shift: "Is there radiographic evidence of X?"
+    "scope",  # specificity change: "Is there any X in this study?"
+    "voice",  # active/passive: "Is X seen?" / "Can X be seen?"
+    "reorder",  # clause reordering
+)
+#: Family of an original question.
+ORIGINAL = "original"
+#: Family of an answer-inverting operator variant ("Can X be ruled out?"). Never in a flip cluster.
+OPERATOR = "operator"
+FAMILIES: tuple[str, ...] = (ORIGINAL, *PARAPHRASE_FAMILIES, OPERATOR)
+
+FINDINGS: tuple[str, ...] = (
+    "cardiomegaly",
+    "pleural_effusion",
+    "pneumothorax",
+    "consolidation",
+    "atelectasis",
+)
+
+
+@dataclass(frozen=True)
+class QuestionRow:
+    """One yes/no question about one image."""
+
+    qid: str
+    """Unique id of this question row."""
+    image_id: str
+    """Id of the image the question is asked about (also the key into box tables)."""
+    question: str
+    """The question text, exactly as shown to the model."""
+    family: str
+    """``original``, a paraphrase family from :data:`PARAPHRASE_FAMILIES`, or ``operator``."""
+    paraphrase_of: str | None
+    """qid of the original question this row varies; ``None`` for originals."""
+    polarity: int
+    """+1 if the correct answer equals the original's, -1 for an answer-inverting variant."""
+    ground_truth: bool
+    """Correct yes/no answer to *this* question (already inverted for operator variants)."""
+    finding: str
+    """The finding the question is about (e.g. ``cardiomegaly``)."""
+    split: str
+    """``train``, ``val`` or ``test``; disjoint by patient."""
+    patient_id: str = ""
+    """Patient the image belongs to (splits are disjoint by patient)."""
+    image_path: str = ""
+    """Path to the image file for file-backed datasets; empty for generated images."""
+    meta: dict[str, str] = field(default_factory=dict, compare=False)
+    """Free-form extra columns carried through to results."""
+
+    def __post_init__(self) -> None:
+        if not self.qid:
+            raise ValueError("QuestionRow.qid is empty: every row needs a unique id")
+        if not self.question or not self.question.strip():
+            raise ValueError(f"QuestionRow {self.qid!r}: question is empty")
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"QuestionRow {self.qid!r}: unknown family {self.family!r}; expected one of {FAMILIES}"
+            )
+        if self.polarity not in (1, -1):
+            raise ValueError(f"QuestionRow {self.qid!r}: polarity must be +1 or -1, got {self.polarity}")
+        if self.family == ORIGINAL and self.paraphrase_of is not None:
+            raise ValueError(f"QuestionRow {self.qid!r}: an original has paraphrase_of=None")
+        if self.family != ORIGINAL and not self.paraphrase_of:
+            raise ValueError(f"QuestionRow {self.qid!r}: family {self.family!r} needs paraphrase_of")
+        if self.family == OPERATOR and self.polarity != -1:
+            raise ValueError(f"QuestionRow {self.qid!r}: operator variants invert the answer (polarity -1)")
+        if self.family in PARAPHRASE_FAMILIES and self.polarity != 1:
+            raise ValueError(f"QuestionRow {self.qid!r}: paraphrases preserve the answer (polarity +1)")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)

@@ -1,0 +1,342 @@
+"""`VLMAdapter`: one object that loads an HF image-text-to-text model, builds batches, reads the
+yes/no decision margin, and exposes every site by its typed name (plain hooks or nnsight traces).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor, nn
+
+from hooks.batch import Batch, build_batch
+from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, load_image
+from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec
+from hooks.trace import SiteTrace
+
+AnswerReduce = Literal["max", "sum", "logsumexp"]
+HookFn = Callable[[Tensor], Tensor | None]
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How questions become prompts and logits become a decision margin."""
+
+    prompt_template: str = DEFAULT_TEMPLATE
+    """Prompt with ``{q}`` where the question goes."""
+    use_chat_template: bool = False
+    """Wrap the prompt in the processor's chat template (MedGemma-it); needs a processor that has one."""
+    yes_words: tuple[str, ...] = ("yes", "Yes", "YES", " yes", " Yes")
+    """Surface forms of "yes"; those that are single tokens of the tokenizer are used."""
+    no_words: tuple[str, ...] = ("no", "No", "NO", " no", " No")
+    """Surface forms of "no"; those that are single tokens of the tokenizer are used."""
+    answer_reduce: AnswerReduce = "max"
+    """How the logits of several yes (no) token ids are combined: ``max``, ``sum`` or ``logsumexp``."""
+    expected_image_size: int | None = None
+    """If set, images of another size are refused (instead of silently resized by the processor)."""
+    batch_size: int = 32
+    """Rows per forward pass in :meth:`VLMAdapter.margins_for`."""
+
+    def __post_init__(self) -> None:
+        if "{q}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{q}}': {self.prompt_template!r}")
+        if self.answer_reduce not in ("max", "sum", "logsumexp"):
+            raise ValueError(f"answer_reduce must be max, sum or logsumexp, got {self.answer_reduce!r}")
+        if not self.yes_words or not self.no_words:
+            raise ValueError("yes_words and no_words must be non-empty")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class AnswerIds:
+    """The token ids the margin reads, recorded with every result."""
+
+    yes_ids: tuple[int, ...]
+    no_ids: tuple[int, ...]
+    yes_tokens: tuple[str, ...]
+    no_tokens: tuple[str, ...]
+    reduce: AnswerReduce = "max"
+
+    def margin(self, logits: Float[Tensor, "*batch vocab"]) -> Float[Tensor, " *batch"]:
+        """logit(yes) - logit(no), each reduced over its ids."""
+        yes, no = logits[..., list(self.yes_ids)].float(), logits[..., list(self.no_ids)].float()
+        if self.reduce == "max":
+            return yes.max(-1).values - no.max(-1).values
+        if self.reduce == "sum":
+            return yes.sum(-1) - no.sum(-1)
+        return yes.logsumexp(-1) - no.logsumexp(-1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+def find_answer_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Ids of the words in ``words`` that the tokenizer encodes as exactly one (non-unknown) token."""
+    ids: dict[int, str] = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for w in words:
+        enc = tokenizer.encode(w, add_special_tokens=False)
+        if len(enc) == 1 and enc[0] != unk:
+            ids.setdefault(enc[0], tokenizer.convert_ids_to_tokens(enc[0]))
+    if not ids:
+        raise ValueError(f"none of {list(words)} is a single token of this tokenizer; set AdapterConfig words")
+    return tuple(ids), tuple(ids.values())
+
+
+@dataclass
+class MarginResult:
+    """Margins of one batch, with what produced them."""
+
+    margin: Float[Tensor, " batch"]
+    answer_ids: AnswerIds
+    conditions: list[str] = field(default_factory=list)
+
+    @property
+    def pred(self) -> Tensor:
+        return self.margin > 0
+
+
+class VLMAdapter:
+    """A loaded VLM with typed sites and a yes/no decision margin.
+
+    >>> adapter = VLMAdapter.from_pretrained("organism/")          # or "google/medgemma-4b-it"
+    >>> batch = adapter.prepare([image], ["Is there cardiomegaly?"])
+    >>> adapter.margins(batch)                                       # logit(yes) - logit(no)
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, config: AdapterConfig | None = None, name: str = ""):
+        self.spec: ArchSpec = arch_spec(model)
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.config = config or AdapterConfig()
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        if self.config.use_chat_template and not getattr(processor, "chat_template", None):
+            raise ValueError("use_chat_template=True but this processor has no chat template")
+        yes_ids, yes_tok = find_answer_ids(self.tokenizer, self.config.yes_words)
+        no_ids, no_tok = find_answer_ids(self.tokenizer, self.config.no_words)
+        if set(yes_ids) & set(no_ids):
+            raise ValueError(f"yes and no share token ids {set(yes_ids) & set(no_ids)}")
+        self.answer_ids = AnswerIds(yes_ids, no_ids, yes_tok, no_tok, self.config.answer_reduce)
+        self.n_layers: int = len(self.get_module(self.spec.text_layers))  # type: ignore[arg-type]
+        self.n_vision_layers: int = len(self.get_module(self.spec.vision_layers))  # type: ignore[arg-type]
+        text_cfg = model.config.get_text_config()
+        self.d_model: int = text_cfg.hidden_size
+        self.image_token_id: int = model.config.image_token_id
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        config: AdapterConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        local_files_only: bool | None = None,
+        attn_implementation: str | None = "eager",
+    ) -> VLMAdapter:
+        """Load a model and processor from a local folder or a hub id (e.g. ``google/medgemma-4b-it``).
+
+        A local folder never touches the network. ``dtype`` defaults to the checkpoint's own
+        (bf16 for MedGemma); ``device_map="auto"`` shards a 27B model over GPUs. Eager attention is
+        the default so attention patterns can be read; pass ``"sdpa"`` for speed when you don't.
+        """
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        path = Path(name_or_path)
+        is_local = path.exists()
+        if not is_local and str(name_or_path).startswith((".", "/")):
+            raise FileNotFoundError(f"model folder not found: {path}")
+        offline = local_files_only if local_files_only is not None else is_local
+        hf_config = AutoConfig.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
+        arch_name = (hf_config.architectures or [type(hf_config).__name__])[0]
+        arch_spec(arch_name)  # fail before loading weights if unsupported
+        kwargs: dict[str, Any] = dict(
+            revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        if device is not None and device_map is None:
+            model = model.to(device)
+        model.eval()
+        processor = AutoProcessor.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
+        adapter = cls(model, processor, config, name=str(name_or_path))
+        adapter.revision = revision or getattr(hf_config, "_commit_hash", None) or "local"
+        return adapter
+
+    revision: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        """What produced a result: recorded with every run."""
+        return {
+            "model": self.name,
+            "revision": self.revision,
+            "architecture": self.spec.name,
+            "n_layers": self.n_layers,
+            "prompt_template": self.config.prompt_template,
+            "use_chat_template": self.config.use_chat_template,
+            "answer_ids": self.answer_ids.as_dict(),
+        }
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(
+        self,
+        images: Sequence[ImageLike | None],
+        questions: Sequence[str],
+        conditions: Sequence[str] | None = None,
+    ) -> Batch:
+        """Tokenize (image, question) pairs into one left-padded batch.
+
+        ``images[i] = None`` means no image tokens at all (the ``none`` removal). Every prompt ends
+        at the same (last) position, where the first answer token is predicted.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+        if not questions:
+            raise ValueError("empty batch: pass at least one (image, question) pair")
+        pil = [None if im is None else load_image(im) for im in images]
+        conds = list(conditions) if conditions is not None else ["image" if im else "removed:none" for im in pil]
+        return build_batch(self, pil, list(questions), conds)
+
+    def removed(self, images: Sequence[ImageLike], removal: Removal) -> list[Image.Image | None]:
+        """The image-removed condition for each image (``None`` entries for ``kind="none"``)."""
+        return [removal.apply(load_image(im), i) for i, im in enumerate(images)]
+
+    # ------------------------------------------------------------------ forward
+    def forward_kwargs(self, batch: Batch) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in batch.inputs.items()}
+
+    def logits(self, batch: Batch, last_only: bool = True) -> Tensor:
+        """Plain HF forward; logits at the last position only by default."""
+        out = self.model(**self.forward_kwargs(batch), logits_to_keep=1 if last_only else 0, use_cache=False)
+        return out.logits
+
+    def margins(self, batch: Batch, grad: bool = False) -> Float[Tensor, " batch"]:
+        """Decision margin logit(yes) - logit(no) at the first answer token, one forward pass."""
+        with torch.set_grad_enabled(grad):
+            return self.answer_ids.margin(self.logits(batch)[:, -1])
+
+    def margins_for(
+        self,
+        images: Sequence[ImageLike | None],
+        questions: Sequence[str],
+        batch_size: int | None = None,
+    ) -> Float[Tensor, " n"]:
+        """Margins for many pairs, in batches of ``batch_size`` (default: config.batch_size)."""
+        bs = batch_size or self.config.batch_size
+        out = [
+            self.margins(self.prepare(images[i : i + bs], questions[i : i + bs]))
+            for i in range(0, len(questions), bs)
+        ]
+        return torch.cat(out).cpu()
+
+    # ------------------------------------------------------------------ sites
+    def resolve(self, site: Site) -> ModuleRef:
+        return self.spec.resolve(site, self.n_layers, self.n_vision_layers)
+
+    def get_module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def module(self, site: Site) -> nn.Module:
+        """The nn.Module a site lives on (read its input or output per :meth:`resolve`)."""
+        return self.get_module(self.resolve(site).path)
+
+    def text_layer(self, layer: int) -> nn.Module:
+        return self.get_module(f"{self.spec.text_layers}.{layer}")
+
+    def unembed(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+        """Final norm + unembedding (+ soft-cap where the architecture has one): the logit lens."""
+        logits = self.get_module(self.spec.lm_head)(self.get_module(self.spec.final_norm)(resid))
+        cap_attr = self.spec.logit_softcap_attr
+        cap = getattr(self.model.config.get_text_config(), cap_attr, None) if cap_attr else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @contextmanager
+    def hooks(self, fns: dict[Site, HookFn]) -> Iterator[None]:
+        """Plain PyTorch hooks on sites, removed on exit even if the body raises.
+
+        Each function receives the site's activation ``(batch, pos, d)`` and returns a replacement
+        (or ``None`` to leave it). Cheap enough for sweeps of thousands of patched forwards.
+        """
+        handles = []
+        try:
+            for site, fn in fns.items():
+                ref = self.resolve(site)
+                mod = self.get_module(ref.path)
+                if ref.io == "input":
+                    handles.append(mod.register_forward_pre_hook(_pre_hook(fn), with_kwargs=True))
+                else:
+                    handles.append(mod.register_forward_hook(_post_hook(fn, ref.index)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def trace(self, batch: Batch) -> Any:
+        """An nnsight trace over one batch; inside it, :attr:`sites` addresses sites by typed name.
+
+        >>> with adapter.trace(batch):
+        ...     h = adapter.sites[resid_post(3)].save()       # read
+        ...     adapter.sites[resid_post(3)] = h * 0          # overwrite
+        ...     m = adapter.sites.margin().save()             # decision margin per row
+
+        nnsight compiles the body of the ``with`` block from the caller's frame, so this returns
+        nnsight's own tracer (a wrapper would hide that frame); nnsight removes its hooks on exit.
+        """
+        from hooks.trace import SiteTrace, nnsight_model
+
+        nn_model = nnsight_model(self)
+        self.sites = SiteTrace(self, nn_model)
+        return nn_model.trace(**self.forward_kwargs(batch), use_cache=False)
+
+    sites: SiteTrace
+
+
+def _pre_hook(fn: HookFn) -> Callable[..., Any]:
+    def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = fn(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
+def _post_hook(fn: HookFn, index: int | None) -> Callable[..., Any]:
+    def hook(_mod: nn.Module, _args: Any, output: Any) -> Any:
+        if index is None:
+            return fn(output)
+        new = fn(output[index])
+        return None if new is None else (*output[:index], new, *output[index + 1 :])
+
+    return hook
+
+

@@ -1,0 +1,107 @@
+"""Images, image conditions and prompts: everything that happens before tokenization.
+
+Image conditions are explicit and recorded: an analysis never says "without the image" without
+saying which of :data:`REMOVALS` it used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_TEMPLATE = "Question: {q}\nAnswer with only 'yes' or 'no'."
+RemovalKind = Literal["gray", "white", "noise", "none"]
+REMOVALS: tuple[str, ...] = ("gray", "white", "noise", "none")
+
+ImageLike = Image.Image | np.ndarray | str | Path
+
+
+@dataclass(frozen=True)
+class Removal:
+    """How the image is removed for the text-only condition."""
+
+    kind: RemovalKind = "gray"
+    """``gray`` (all 128), ``white`` (all 255), ``noise`` (Gaussian, mean/sd below, clipped to
+    0..255), or ``none`` (no image tokens at all: the prompt carries no image placeholder)."""
+    noise_mean: float = 128.0
+    """Mean of the noise image."""
+    noise_sd: float = 64.0
+    """Standard deviation of the noise image."""
+    seed: int = 0
+    """Seed of the noise image (each image's noise also depends on its index in the batch)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in REMOVALS:
+            raise ValueError(f"unknown removal {self.kind!r}; choose one of {REMOVALS}")
+        if self.noise_sd < 0:
+            raise ValueError(f"noise_sd must be >= 0, got {self.noise_sd}")
+
+    @property
+    def label(self) -> str:
+        """Short label recorded with results, e.g. ``removed:gray``."""
+        return f"removed:{self.kind}"
+
+    def apply(self, like: Image.Image, index: int = 0) -> Image.Image | None:
+        """The replacement for ``like`` (same size and mode), or ``None`` for ``kind="none"``."""
+        if self.kind == "none":
+            return None
+        w, h = like.size
+        if self.kind == "gray":
+            arr = np.full((h, w), 128, np.uint8)
+        elif self.kind == "white":
+            arr = np.full((h, w), 255, np.uint8)
+        else:
+            rng = np.random.default_rng([self.seed, index])
+            arr = np.clip(rng.normal(self.noise_mean, self.noise_sd, (h, w)), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert(like.mode)
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a PIL image, a uint8 array (H, W) or (H, W, 3), or a file path."""
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path} (check the dataset's image root)")
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(
+                f"image arrays must be uint8 (H, W) or (H, W, 3); got {image.dtype} {image.shape}"
+            )
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise TypeError(f"unsupported image type {type(image).__name__}; pass a PIL image, uint8 array or path")
+
+
+def check_images(images: list[Image.Image | None], expected_size: int | None) -> None:
+    """Refuse a batch whose images differ in size, or differ from the size the model expects."""
+    sizes = sorted({im.size for im in images if im is not None})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"a batch with mixed image sizes {sizes}: resize the images to one size first "
+            "(e.g. the model's input size) so every row is preprocessed the same way"
+        )
+    if expected_size is not None and sizes and sizes[0] != (expected_size, expected_size):
+        raise ValueError(
+            f"image size {sizes[0]} does not match the model's input size {expected_size}x{expected_size}; "
+            "resize it, or build the adapter with AdapterConfig(expected_image_size=None) to let the "
+            "processor resize"
+        )
+
+
+def format_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The prompt text for ``question``; a clear error for an empty question or a bad template."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"empty question {question!r}: every row needs question text")
+    if "{q}" not in template:
+        raise ValueError(f"prompt template must contain '{{q}}' where the question goes: {template!r}")
+    return template.replace("{q}", question.strip())
