@@ -86,7 +86,9 @@ def find_answer_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ..
         if len(enc) == 1 and enc[0] != unk:
             ids.setdefault(enc[0], tokenizer.convert_ids_to_tokens(enc[0]))
     if not ids:
-        raise ValueError(f"none of {list(words)} is a single token of this tokenizer; set AdapterConfig words")
+        raise ValueError(
+            f"none of {list(words)} is a single token of this tokenizer; set AdapterConfig words"
+        )
     return tuple(ids), tuple(ids.values())
 
 
@@ -216,11 +218,15 @@ class VLMAdapter:
         at the same (last) position, where the first answer token is predicted.
         """
         if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+            raise ValueError(
+                f"{len(images)} images but {len(questions)} questions: pass one image per question"
+            )
         if not questions:
             raise ValueError("empty batch: pass at least one (image, question) pair")
         pil = [None if im is None else load_image(im) for im in images]
-        conds = list(conditions) if conditions is not None else ["image" if im else "removed:none" for im in pil]
+        conds = (
+            list(conditions) if conditions is not None else ["image" if im else "removed:none" for im in pil]
+        )
         return build_batch(self, pil, list(questions), conds)
 
     def removed(self, images: Sequence[ImageLike], removal: Removal) -> list[Image.Image | None]:
@@ -231,15 +237,52 @@ class VLMAdapter:
     def forward_kwargs(self, batch: Batch) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.inputs.items()}
 
-    def logits(self, batch: Batch, last_only: bool = True) -> Tensor:
-        """Plain HF forward; logits at the last position only by default."""
-        out = self.model(**self.forward_kwargs(batch), logits_to_keep=1 if last_only else 0, use_cache=False)
+    def image_features(self, pixel_values: Float[Tensor, "n 3 h w"]) -> Float[Tensor, "n tokens d_model"]:
+        """Projector output for each image: what the model writes at the image-token positions."""
+        with torch.no_grad():
+            out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def embed(self, batch: Batch, image_features: Float[Tensor, "n_img tokens d_model"]) -> Tensor:
+        """Input embeddings with precomputed image features scattered into the image tokens.
+
+        ``image_features[k]`` belongs to the k-th row of the batch that has an image. Lets an
+        evaluator encode each image once and reuse it for every question and condition.
+        """
+        ids = batch.input_ids.to(self.device)
+        emb = self.model.get_input_embeddings()(
+            ids.clamp(max=self.model.get_input_embeddings().num_embeddings - 1)
+        )
+        mask = batch.image_mask.to(self.device)
+        n_rows = int(mask.any(-1).sum())
+        if image_features.shape[0] != n_rows:
+            raise ValueError(f"{image_features.shape[0]} image feature sets for {n_rows} rows with an image")
+        return emb.masked_scatter(mask.unsqueeze(-1), image_features.to(emb.dtype))
+
+    def logits(self, batch: Batch, last_only: bool = True, image_features: Tensor | None = None) -> Tensor:
+        """Plain HF forward; logits at the last position only by default.
+
+        With ``image_features`` (from :meth:`image_features`) the vision tower is skipped.
+        """
+        kwargs = self.forward_kwargs(batch)
+        if image_features is not None:
+            kwargs.pop("pixel_values", None)
+            kwargs["inputs_embeds"] = self.embed(batch, image_features)
+            kwargs.pop("input_ids")
+        out = self.model(**kwargs, logits_to_keep=1 if last_only else 0, use_cache=False)
         return out.logits
 
-    def margins(self, batch: Batch, grad: bool = False) -> Float[Tensor, " batch"]:
+    def margins(
+        self, batch: Batch, grad: bool = False, image_features: Tensor | None = None
+    ) -> Float[Tensor, " batch"]:
         """Decision margin logit(yes) - logit(no) at the first answer token, one forward pass."""
         with torch.set_grad_enabled(grad):
-            return self.answer_ids.margin(self.logits(batch)[:, -1])
+            return self.answer_ids.margin(self.logits(batch, image_features=image_features)[:, -1])
 
     def margins_for(
         self,
@@ -338,5 +381,3 @@ def _post_hook(fn: HookFn, index: int | None) -> Callable[..., Any]:
         return None if new is None else (*output[:index], new, *output[index + 1 :])
 
     return hook
-
-

@@ -102,7 +102,9 @@ def _prompt_text(adapter: VLMAdapter, question: str, has_image: bool) -> str:
     return f"{_placeholder(adapter.processor)} {prompt}" if has_image else prompt
 
 
-def _left_pad_merge(parts: list[tuple[list[int], dict[str, Tensor]]], pad_id: int, n: int) -> dict[str, Tensor]:
+def _left_pad_merge(
+    parts: list[tuple[list[int], dict[str, Tensor]]], pad_id: int, n: int
+) -> dict[str, Tensor]:
     """Merge processor outputs of row groups into one left-padded batch in the original row order."""
     length = max(enc["input_ids"].shape[1] for _, enc in parts)
     keys = ("input_ids", "attention_mask", "token_type_ids")
@@ -135,12 +137,16 @@ def _question_mask(tokenizer: Any, input_ids: Tensor, questions: list[str]) -> T
         for variant in (q.strip(), " " + q.strip()):
             toks = tokenizer.encode(variant, add_special_tokens=False)
             k = len(toks)
-            hit = next((s for s in range(len(row) - k, -1, -1) if row[s : s + k] == toks), None) if k else None
+            hit = (
+                next((s for s in range(len(row) - k, -1, -1) if row[s : s + k] == toks), None) if k else None
+            )
             if hit is not None:
                 mask[i, hit : hit + k] = True
                 break
         else:
-            raise ValueError(f"could not locate the tokens of question {q!r} in its prompt; check the template")
+            raise ValueError(
+                f"could not locate the tokens of question {q!r} in its prompt; check the template"
+            )
     return mask
 
 

@@ -47,7 +47,9 @@ def build_word_tokenizer(
     """
     specials = list(GEMMA3_SPECIALS.values())
     if arch == "llava":
-        specials = [s for s in specials if s not in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")]
+        specials = [
+            s for s in specials if s not in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+        ]
         specials.append(LLAVA_IMAGE_TOKEN)
     vocab: dict[str, int] = {}
     for tok in [*specials, *BASE_WORDS, *words]:
@@ -117,7 +119,9 @@ class TinyGemma3Config:
     def __post_init__(self) -> None:
         side = self.image_size // self.patch_size
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
         per_side = round(self.mm_tokens_per_image**0.5)
         if per_side**2 != self.mm_tokens_per_image or side % per_side:
             raise ValueError(

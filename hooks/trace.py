@@ -14,10 +14,19 @@ from hooks.sites import Site
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
 
-_KIND_ORDER = {"vision_resid": 0, "image_embeds": 1, "resid_pre": 2, "attn_out": 3, "mlp_out": 4, "resid_post": 5}
+_KIND_ORDER = {
+    "vision_resid": 0,
+    "image_embeds": 1,
+    "resid_pre": 2,
+    "attn_out": 3,
+    "mlp_out": 4,
+    "resid_post": 5,
+}
 
 
-def forward_order(sites: list[Site], n_layers: int | None = None, n_vision_layers: int | None = None) -> list[Site]:
+def forward_order(
+    sites: list[Site], n_layers: int | None = None, n_vision_layers: int | None = None
+) -> list[Site]:
     """Sort sites in the order the forward pass reaches them."""
 
     def key(s: Site) -> tuple[int, int, int]:

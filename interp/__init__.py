@@ -1,0 +1,64 @@
+"""Interpretability primitives: activation cache, activation / attribution patching, logit lens,
+attention in box, per-layer scores and figures. Everything takes a :class:`hooks.VLMAdapter`."""
+
+from interp.attention import (
+    BoxOverlap,
+    attention_grid,
+    attention_in_box,
+    attention_maps,
+    box_coverage_precision,
+    box_mask,
+    eager_attention,
+    final_attention_to_image,
+    threshold_map,
+    upsample,
+)
+from interp.attribution import agreement, attribution_patching, rankdata, spearman
+from interp.cache import ActivationCache, cache_activations
+from interp.figures import attention_overlay, bootstrap_ci, patching_heatmap, recovery_line
+from interp.lens import LensResult, logit_lens
+from interp.patching import (
+    Alignment,
+    PatchingConfig,
+    PatchingResult,
+    align_pairs,
+    patch_one,
+    patching_sweep,
+    plan_positions,
+    sweep_reference,
+)
+from interp.scores import LayerScores
+
+__all__ = [
+    "ActivationCache",
+    "Alignment",
+    "BoxOverlap",
+    "LayerScores",
+    "LensResult",
+    "PatchingConfig",
+    "PatchingResult",
+    "agreement",
+    "align_pairs",
+    "attention_grid",
+    "attention_in_box",
+    "attention_maps",
+    "attention_overlay",
+    "attribution_patching",
+    "bootstrap_ci",
+    "box_coverage_precision",
+    "box_mask",
+    "cache_activations",
+    "eager_attention",
+    "final_attention_to_image",
+    "logit_lens",
+    "patch_one",
+    "patching_heatmap",
+    "patching_sweep",
+    "plan_positions",
+    "rankdata",
+    "recovery_line",
+    "spearman",
+    "sweep_reference",
+    "threshold_map",
+    "upsample",
+]

@@ -34,7 +34,9 @@ def gemma3_adapter() -> VLMAdapter:
 
 def random_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((size, size)) * 255).astype(np.uint8)).convert("RGB") for _ in range(n)]
+    return [
+        Image.fromarray((rng.random((size, size)) * 255).astype(np.uint8)).convert("RGB") for _ in range(n)
+    ]
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from PIL import Image
 from torch import Tensor
-from beartype import beartype
 
 from hooks.adapter import AdapterConfig, VLMAdapter
 from hooks.inputs import Removal
@@ -46,7 +46,7 @@ def test_margin_equals_plain_hf_forward(adapter: VLMAdapter, images: list[Image.
 def test_batched_margins_equal_single_rows(adapter: VLMAdapter, images: list[Image.Image]) -> None:
     """Left padding with explicit position ids: a row's margin does not depend on its batch."""
     batched = adapter.margins(adapter.prepare(images, QUESTIONS))
-    single = torch.cat([adapter.margins(adapter.prepare([im], [q])) for im, q in zip(images, QUESTIONS)])
+    single = torch.cat([adapter.margins(adapter.prepare([im], [q])) for im, q in zip(images, QUESTIONS, strict=True)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     assert batched.std() > 0  # rows really differ
 
@@ -59,15 +59,21 @@ def test_image_really_matters(adapter: VLMAdapter, images: list[Image.Image]) ->
 
 
 @pytest.mark.parametrize("kind", ["gray", "white", "noise"])
-def test_removed_image_changes_image_tokens_only(adapter: VLMAdapter, images: list[Image.Image], kind: str) -> None:
+def test_removed_image_changes_image_tokens_only(
+    adapter: VLMAdapter, images: list[Image.Image], kind: str
+) -> None:
     removed = adapter.removed(images, Removal(kind))  # type: ignore[arg-type]
     a = adapter.prepare(images, QUESTIONS)
     b = adapter.prepare(removed, QUESTIONS, conditions=[Removal(kind).label] * 3)  # type: ignore[arg-type]
     assert torch.equal(a.input_ids, b.input_ids)  # same tokens ...
     assert not torch.allclose(a.inputs["pixel_values"], b.inputs["pixel_values"])  # ... other pixels
     with torch.no_grad():
-        ea = adapter.module(image_embeds())(adapter.model.model.vision_tower(a.inputs["pixel_values"]).last_hidden_state)
-        eb = adapter.module(image_embeds())(adapter.model.model.vision_tower(b.inputs["pixel_values"]).last_hidden_state)
+        ea = adapter.module(image_embeds())(
+            adapter.model.model.vision_tower(a.inputs["pixel_values"]).last_hidden_state
+        )
+        eb = adapter.module(image_embeds())(
+            adapter.model.model.vision_tower(b.inputs["pixel_values"]).last_hidden_state
+        )
     assert (ea - eb).abs().max() > 1e-3
     assert not torch.allclose(adapter.margins(a), adapter.margins(b))
     arr = np.asarray(removed[0].convert("L"))
@@ -81,7 +87,11 @@ def test_removed_image_changes_image_tokens_only(adapter: VLMAdapter, images: li
 
 def test_noise_removal_is_seeded() -> None:
     im = random_images(1, 64)[0]
-    a, b, c = Removal("noise", seed=1).apply(im), Removal("noise", seed=1).apply(im), Removal("noise", seed=2).apply(im)
+    a, b, c = (
+        Removal("noise", seed=1).apply(im),
+        Removal("noise", seed=1).apply(im),
+        Removal("noise", seed=2).apply(im),
+    )
     assert a is not None and b is not None and c is not None
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
 
@@ -96,7 +106,9 @@ def test_no_image_tokens_condition(adapter: VLMAdapter, images: list[Image.Image
     assert mixed.image_mask.sum(-1).tolist()[1] == 0 and mixed.image_mask[0].sum() > 0
     m_mixed = adapter.margins(mixed)
     torch.testing.assert_close(m_mixed[1], adapter.margins(b)[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(m_mixed[0], adapter.margins(adapter.prepare(images, QUESTIONS))[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        m_mixed[0], adapter.margins(adapter.prepare(images, QUESTIONS))[0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_swapped_image_changes_pixels_and_margin(adapter: VLMAdapter, images: list[Image.Image]) -> None:
@@ -126,7 +138,11 @@ def test_every_site_resolves_to_a_module(arch: str) -> None:
     a = make_adapter("gemma3" if arch.startswith("Gemma3") else "llava")
     assert a.spec.name == arch
     sites = [s(layer) for s in (resid_pre, resid_post, attn_out, mlp_out) for layer in range(a.n_layers)]
-    sites += [vision_resid(i) for i in range(a.n_vision_layers)] + [image_embeds(), final_norm(), resid_post(-1)]
+    sites += [vision_resid(i) for i in range(a.n_vision_layers)] + [
+        image_embeds(),
+        final_norm(),
+        resid_post(-1),
+    ]
     for s in sites:
         assert isinstance(a.module(s), torch.nn.Module)
     assert a.resolve(resid_post(-1)) == a.resolve(resid_post(a.n_layers - 1))
@@ -165,7 +181,9 @@ def check_shape(x: Float[Tensor, "batch pos d_model"], batch: int, pos: int, d_m
 
 
 def n_hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
 
 
 def test_trace_overwrite_and_cleanup(adapter: VLMAdapter, images: list[Image.Image]) -> None:
@@ -267,7 +285,9 @@ def test_missing_image_file(adapter: VLMAdapter, tmp_path: Path) -> None:
         adapter.prepare([bad], QUESTIONS[:1])
 
 
-def test_image_from_file_equals_in_memory(adapter: VLMAdapter, images: list[Image.Image], tmp_path: Path) -> None:
+def test_image_from_file_equals_in_memory(
+    adapter: VLMAdapter, images: list[Image.Image], tmp_path: Path
+) -> None:
     path = tmp_path / "x.png"
     images[0].save(path)
     torch.testing.assert_close(
@@ -298,3 +318,15 @@ def test_save_and_from_pretrained_roundtrip(gemma3_adapter: VLMAdapter, tmp_path
     assert loaded.describe()["architecture"] == "Gemma3ForConditionalGeneration"
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         VLMAdapter.from_pretrained("./does/not/exist")
+
+
+def test_cached_image_features_give_the_same_margins(adapter: VLMAdapter, images: list[Image.Image]) -> None:
+    """Encoding each image once and reusing its features == the full forward."""
+    b = adapter.prepare([images[0], None, images[2]], QUESTIONS)
+    feats = adapter.image_features(b.inputs["pixel_values"])
+    assert feats.shape == (2, int(b.image_mask[0].sum()), adapter.d_model)
+    torch.testing.assert_close(
+        adapter.margins(b, image_features=feats), adapter.margins(b), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="image feature sets"):
+        adapter.margins(b, image_features=feats[:1])

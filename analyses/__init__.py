@@ -1,0 +1,1 @@
+"""Datasets, the synthetic world, evaluation and reports."""

@@ -1,0 +1,156 @@
+"""`flipscope` command line: organism training, evaluation, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_RUNS = Path("runs")
+
+
+def _cmd_organism_train(args: argparse.Namespace) -> int:
+    from analyses.organism import MODEL_DIR, OrganismConfig, train_organism
+
+    cfg = OrganismConfig(seed=args.seed, steps=args.steps)
+    out = Path(args.out) if args.out else MODEL_DIR
+    rec = train_organism(cfg, out, progress=not args.quiet)
+    print(f"trained {rec['n_params']:,} parameters in {rec['seconds']} s -> {out}")
+    return 0
+
+
+def _cmd_organism_card(args: argparse.Namespace) -> int:
+    from analyses.modelcard import write_model_card
+
+    path = write_model_card(Path(args.model), Path(args.runs), n_images=args.n_images)
+    print(f"wrote {path}")
+    return 0
+
+
+def _load_adapter(model: str):  # type: ignore[no-untyped-def]
+    from analyses.organism import MODEL_DIR, load_organism
+    from hooks.adapter import VLMAdapter
+
+    if model in ("organism", str(MODEL_DIR)):
+        return load_organism()
+    return VLMAdapter.from_pretrained(model)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from analyses.evaluate import EvalConfig, evaluate
+    from analyses.report import summary_table, write_report
+
+    adapter = _load_adapter(args.model)
+    if args.data == "synthcxr":
+        from analyses.organism import organism_world
+
+        world = organism_world()
+        rows = world.rows(args.split)
+        if args.n_images:
+            keep = sorted({r.image_id for r in rows})[: args.n_images]
+            rows = [r for r in rows if r.image_id in set(keep)]
+        source = world.image_for
+    else:
+        from analyses.loaders import load_psf_rows
+
+        loaded = load_psf_rows(args.data)
+        print(loaded.report())
+        rows, source = loaded.rows, loaded.image_for
+    cfg = EvalConfig(removal=args.removal, batch_size=args.batch_size, seed=args.seed)
+    out = Path(args.out)
+    df = evaluate(adapter, rows, source, out, cfg, progress=not args.quiet)
+    print(summary_table(df, n_boot=args.n_boot, seed=args.seed))
+    report = write_report(df, out, title=f"flipscope eval: {args.model}", n_boot=args.n_boot, seed=args.seed)
+    print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    ns = argparse.Namespace(
+        model="organism",
+        data="synthcxr",
+        split="test",
+        n_images=args.n_images,
+        removal="gray",
+        batch_size=128,
+        seed=0,
+        out=str(Path(args.out)),
+        quiet=False,
+        n_boot=200,
+    )
+    return _cmd_eval(ns)
+
+
+def _cmd_info(_args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from analyses.organism import MODEL_DIR
+
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "organism": str(MODEL_DIR),
+        "organism_present": (MODEL_DIR / "config.json").is_file(),
+    }
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    org = sub.add_parser("organism", help="the SynthCXR model organism").add_subparsers(
+        dest="action", required=True
+    )
+    tr = org.add_parser("train", help="train the organism from scratch (a few minutes on 2 cores)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=1500)
+    tr.add_argument("--out", default="", help="output folder (default: the shipped organism/model)")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_cmd_organism_train)
+    card = org.add_parser("card", help="measure the checkpoint and write organism/MODEL_CARD.md")
+    card.add_argument("--model", default="organism/model")
+    card.add_argument("--runs", default="runs/model_card")
+    card.add_argument("--n-images", type=int, default=0, help="0 = the whole test split")
+    card.set_defaults(func=_cmd_organism_card)
+
+    ev = sub.add_parser("eval", help="paraphrase-sensitivity evaluation (resumable)")
+    ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
+    ev.add_argument(
+        "--data", default="synthcxr", help="'synthcxr' or a PSF-Med-style file (jsonl/csv/parquet)"
+    )
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    ev.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--n-boot", type=int, default=1000)
+    ev.add_argument("--out", default=str(DEFAULT_RUNS / "eval"))
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser("demo", help="evaluate the shipped organism and write a report")
+    demo.add_argument("--n-images", type=int, default=120)
+    demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
+    demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser("info", help="versions and where the organism is")
+    info.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"flipscope: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

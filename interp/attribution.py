@@ -1,0 +1,157 @@
+"""Attribution patching: the first-order (gradient) estimate of every activation-patching effect.
+
+For site ``<kind>(L)`` and the positions P of a class (aligned as in :func:`interp.patching.align_pairs`):
+
+    m_patched - m_corrupt  ~=  sum_{p in P} sum_d (a_clean[p] - a_corrupt[p]) * d m_corrupt / d a[p]
+
+One clean forward (activations), one corrupted forward with gradients and one backward give the
+estimate for every layer and position at once. Divided by ``m_clean - m_corrupt`` it is an estimate of
+the recovery of :func:`interp.patching.patching_sweep`, so both return a
+:class:`~interp.patching.PatchingResult` (here ``patched_margins`` is the linear estimate) and
+:func:`agreement` compares them by rank.
+
+Gradients are read with a zero "probe" added to each site (``x + 0`` leaves the forward bit-identical),
+so they exist even when the model's parameters are frozen, and the graph is never cut between layers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooks.batch import Batch
+from hooks.sites import Site
+from interp.patching import PatchingConfig, PatchingResult, capture, plan_positions
+
+if TYPE_CHECKING:
+    from hooks.adapter import VLMAdapter
+
+
+def attribution_patching(
+    adapter: VLMAdapter, clean: Batch, corrupt: Batch, config: PatchingConfig | None = None
+) -> PatchingResult:
+    """Gradient estimate of the patching sweep ``config`` describes (``method="attribution_patching"``).
+
+    Pairs are processed ``config.max_rows_per_forward`` at a time: per chunk, two forwards and one
+    backward, whatever the number of layers and positions.
+    """
+    config = config or PatchingConfig()
+    layers = config.resolve_layers(adapter.n_layers)
+    plan = plan_positions(clean, corrupt, config.positions)
+    sites = [Site(config.site_kind, layer) for layer in layers]
+    n_pairs, n_pos = len(corrupt), len(plan.labels)
+    estimate = torch.zeros(len(layers), n_pos * n_pairs)
+    m_clean = torch.empty(n_pairs)
+    m_corrupt = torch.empty(n_pairs)
+    n_fwd = n_bwd = 0
+    step = config.max_rows_per_forward
+    for start in tqdm(range(0, n_pairs, step), disable=not config.progress, desc="attribution"):
+        rows = list(range(start, min(start + step, n_pairs)))
+        sub = plan.subset(rows)
+        clean_acts, m_clean[rows] = capture(adapter, clean.select(rows), sites)
+        corrupt_acts, grads, m_corrupt[rows] = _forward_backward(adapter, corrupt.select(rows), sites)
+        n_fwd, n_bwd = n_fwd + 2, n_bwd + 1
+        flat = sub.col * n_pairs + sub.pair + start  # (position, global pair) cell of each entry
+        for li, site in enumerate(sites):
+            dev = clean_acts[site].device
+            pair, src, dst = sub.pair.to(dev), sub.src.to(dev), sub.dst.to(dev)
+            delta = clean_acts[site][pair, src].float() - corrupt_acts[site][pair, dst].float()
+            vals = (delta * grads[site][pair, dst].float()).sum(-1).cpu()
+            estimate[li].index_add_(0, flat, vals)
+    estimate = estimate.reshape(len(layers), n_pos, n_pairs)
+    empty = ~plan.valid  # nothing to patch -> NaN, as in the exact sweep
+    estimate = torch.where(empty[None], torch.full_like(estimate, float("nan")), estimate)
+    return PatchingResult(
+        config.site_kind,
+        layers,
+        plan.labels,
+        m_corrupt + estimate,
+        m_clean,
+        m_corrupt,
+        config.min_gap,
+        n_fwd,
+        n_bwd,
+        method="attribution_patching",
+        meta={"model": adapter.name, "positions": config.positions},
+    )
+
+
+def _forward_backward(
+    adapter: VLMAdapter, batch: Batch, sites: list[Site]
+) -> tuple[dict[Site, Tensor], dict[Site, Tensor], Tensor]:
+    """Activations, d(sum of margins)/d activation at every site, and margins: one forward + backward."""
+    acts: dict[Site, Tensor] = {}
+    probes: dict[Site, Tensor] = {}
+
+    def probe(site: Site):
+        def fn(x: Tensor) -> Tensor:
+            acts[site] = x.detach()
+            probes[site] = torch.zeros_like(x, requires_grad=True)
+            return x + probes[site]
+
+        return fn
+
+    with torch.enable_grad(), adapter.hooks({s: probe(s) for s in sites}):
+        m = adapter.margins(batch, grad=True)
+        grads = torch.autograd.grad(m.sum(), [probes[s] for s in sites], allow_unused=True)
+    out = {s: torch.zeros_like(acts[s]) if g is None else g for s, g in zip(sites, grads, strict=True)}
+    return acts, out, m.detach().float().cpu()
+
+
+# ---------------------------------------------------------------------- agreement
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (as ``scipy.stats.rankdata``)."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
+    """Spearman rank correlation over the entries finite in both; NaN if fewer than 2 or no variance."""
+    a = np.asarray(a, dtype=float).reshape(-1)
+    b = np.asarray(b, dtype=float).reshape(-1)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2:
+        return float("nan")
+    ra, rb = rankdata(a[ok]), rankdata(b[ok])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def agreement(exact: PatchingResult, approx: PatchingResult) -> pd.DataFrame:
+    """Rank agreement of two sweeps over the same layers and positions (e.g. exact vs attribution).
+
+    Rows: ``scope="layer"`` (Spearman across positions within that layer), ``scope="overall"``
+    (across all layer x position cells) and ``scope="layer_profile"`` (across layers, of each layer's
+    mean recovery over positions: the ranking a layer selector uses). ``n`` = cells compared.
+    """
+    if exact.layers != approx.layers or exact.positions != approx.positions:
+        raise ValueError(
+            f"results cover different cells: layers {exact.layers} vs {approx.layers}, positions "
+            f"{exact.positions[:5]}... vs {approx.positions[:5]}...; run both with the same PatchingConfig"
+        )
+    x, y = exact.recovery.numpy(), approx.recovery.numpy()
+    rows = []
+    for i, layer in enumerate(exact.layers):
+        ok = np.isfinite(x[i]) & np.isfinite(y[i])
+        rows.append({"scope": "layer", "layer": layer, "n": int(ok.sum()), "spearman": spearman(x[i], y[i])})
+    ok = np.isfinite(x) & np.isfinite(y)
+    rows.append({"scope": "overall", "layer": None, "n": int(ok.sum()), "spearman": spearman(x, y)})
+    px = np.where(ok, x, 0).sum(1) / np.maximum(ok.sum(1), 1)
+    py = np.where(ok, y, 0).sum(1) / np.maximum(ok.sum(1), 1)
+    rows.append(
+        {"scope": "layer_profile", "layer": None, "n": len(exact.layers), "spearman": spearman(px, py)}
+    )
+    frame = pd.DataFrame(rows)
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame

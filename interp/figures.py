@@ -1,0 +1,174 @@
+"""Plotly figures of patching results and attention maps."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+
+from interp.attention import Box, upsample
+from interp.patching import PatchingResult
+
+
+def patching_heatmap(
+    result: PatchingResult | Float[Tensor, "layer position"],
+    layers: Sequence[int] | None = None,
+    positions: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Layer x position heatmap of mean recovery (diverging colours centred on 0)."""
+    if isinstance(result, PatchingResult):
+        z = result.recovery
+        layers = layers if layers is not None else result.layers
+        positions = positions if positions is not None else result.positions
+        title = title or f"{result.method}: margin recovered, {result.site_kind}"
+    else:
+        z = result
+    z_np = torch.as_tensor(z).float().numpy()
+    layers = list(layers) if layers is not None else list(range(z_np.shape[0]))
+    positions = list(positions) if positions is not None else [str(i) for i in range(z_np.shape[1])]
+    if z_np.shape != (len(layers), len(positions)):
+        raise ValueError(
+            f"values {z_np.shape} do not match {len(layers)} layers x {len(positions)} positions"
+        )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z_np,
+            x=positions,
+            y=layers,
+            colorscale="RdBu",
+            zmid=0,
+            colorbar={"title": "recovery"},
+            hovertemplate="layer %{y}<br>position %{x}<br>recovery %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=title or "margin recovered", xaxis_title="position", yaxis_title="layer")
+    return fig
+
+
+def bootstrap_ci(
+    values: Float[Tensor, "layer pair"], n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over pairs and a percentile bootstrap interval (pairs resampled; NaN pairs ignored)."""
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    v = torch.as_tensor(values).float().numpy()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers give NaN, not a warning
+        mean = np.nanmean(v, axis=1)
+        boots = np.nanmean(v[:, idx], axis=2)  # (layer, n_boot)
+        lo = np.nanquantile(boots, (1 - ci) / 2, axis=1)
+        hi = np.nanquantile(boots, 1 - (1 - ci) / 2, axis=1)
+    return mean, lo, hi
+
+
+def recovery_line(
+    result: PatchingResult,
+    positions: str | Sequence[str] | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    title: str | None = None,
+) -> go.Figure:
+    """Per-layer mean recovery with a bootstrap band (over pairs), one line per position class."""
+    chosen = [positions] if isinstance(positions, str) else list(positions or result.positions)
+    missing = [p for p in chosen if p not in result.positions]
+    if missing:
+        raise ValueError(f"positions {missing} not in this result; it has {result.positions[:10]}")
+    fig = go.Figure()
+    for p in chosen:
+        j = result.positions.index(p)
+        mean, lo, hi = bootstrap_ci(result.recovery_per_pair[:, j], n_boot, ci, seed)
+        fig.add_trace(
+            go.Scatter(
+                x=result.layers,
+                y=hi,
+                mode="lines",
+                line={"width": 0},
+                showlegend=False,
+                name=f"{p} upper",
+                legendgroup=p,
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=result.layers,
+                y=lo,
+                mode="lines",
+                line={"width": 0},
+                fill="tonexty",
+                showlegend=False,
+                name=f"{p} lower",
+                legendgroup=p,
+                hoverinfo="skip",
+                opacity=0.3,
+            )
+        )
+        fig.add_trace(go.Scatter(x=result.layers, y=mean, mode="lines+markers", name=p, legendgroup=p))
+    fig.update_layout(
+        title=title or f"margin recovered per layer ({result.site_kind}, {int(ci * 100)}% bootstrap CI)",
+        xaxis_title="layer",
+        yaxis_title="margin recovered",
+    )
+    return fig
+
+
+def _gray(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("L"), dtype=float)
+    arr = np.asarray(image, dtype=float)
+    return arr.mean(-1) if arr.ndim == 3 else arr
+
+
+def attention_overlay(
+    image: Image.Image | np.ndarray,
+    attn_map: Float[Tensor, "h w"],
+    box: Box | None = None,
+    opacity: float = 0.5,
+    title: str | None = None,
+) -> go.Figure:
+    """The attention map (upsampled, nearest, to the image size if needed) over the grayscale image,
+    with the box outlined. Traces: ``image``, ``attention`` and (with a box) ``box``."""
+    gray = _gray(image)
+    h, w = gray.shape
+    attn = torch.as_tensor(attn_map).float()
+    if tuple(attn.shape) != (h, w):
+        attn = upsample(attn, (h, w), "nearest")
+    fig = go.Figure()
+    fig.add_trace(go.Heatmap(z=gray, colorscale="gray", showscale=False, name="image", hoverinfo="skip"))
+    fig.add_trace(
+        go.Heatmap(
+            z=attn.numpy(),
+            colorscale="Hot",
+            opacity=opacity,
+            name="attention",
+            colorbar={"title": "attention"},
+        )
+    )
+    if box is not None:
+        x0, y0, x1, y1 = box
+        fig.add_trace(
+            go.Scatter(
+                x=[x0, x1, x1, x0, x0],
+                y=[y0, y0, y1, y1, y0],
+                mode="lines",
+                name="box",
+                line={"color": "cyan", "width": 2},
+            )
+        )
+    fig.update_layout(
+        title=title or "attention from the answer position", xaxis_title="x (px)", yaxis_title="y (px)"
+    )
+    fig.update_yaxes(autorange="reversed", scaleanchor="x")
+    return fig

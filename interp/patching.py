@@ -1,0 +1,426 @@
+"""Activation patching between a clean and a corrupted batch, batched over (layer, position) variants.
+
+Pair ``i`` is (row ``i`` of ``clean``, row ``i`` of ``corrupt``): a question and its paraphrase, or the
+same question with and without its image. For every layer L and position class c, the corrupted run
+gets the clean run's activation at site ``<kind>(L)`` on the positions of c, and we read
+
+    recovery = (m_patched - m_corrupt) / (m_clean - m_corrupt)      per pair,
+
+1 = the patch restores the clean decision, 0 = it does nothing. Pairs whose margins differ by less
+than ``min_gap`` get NaN (the ratio is meaningless there) and are left out of the means.
+
+Batching: variant (L, c, pair) becomes one row of a large batch that repeats corrupted rows; one hook
+per layer overwrites, row by row, only the positions of that row's variant. A sweep therefore costs
+``2 + ceil(layers * positions * pairs / max_rows_per_forward)`` forwards instead of
+``layers * positions`` forwards of the pair batch (:func:`sweep_reference`, the TransformerLens-style
+loop, kept as the reference implementation).
+
+Position alignment (:func:`align_pairs`): ``image`` tokens map by their index within the image block
+and ``final`` is the last position of each prompt, so these two classes patch across prompts of
+different lengths. ``question``, ``text``, ``all`` and ``each`` (every single position) map position
+by position (offset from the end of the prompt) and need the same token layout in both runs: a
+paraphrase with another number of tokens has no token-by-token correspondence, so they raise
+``ValueError`` then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooks.batch import Batch
+from hooks.sites import Site
+
+if TYPE_CHECKING:
+    from hooks.adapter import VLMAdapter
+
+PATCH_SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+PATCH_CLASSES: tuple[str, ...] = ("image", "question", "final", "text", "all")
+#: Classes aligned by class membership, which also work for prompts of different lengths.
+ALIGNED_BY_CLASS: tuple[str, ...] = ("image", "final")
+EACH = "each"
+
+
+@dataclass(frozen=True)
+class PatchingConfig:
+    """What a patching (or attribution-patching) sweep patches."""
+
+    site_kind: str = "resid_post"
+    """Site patched at every layer: ``resid_pre``, ``resid_post``, ``attn_out`` or ``mlp_out``."""
+    layers: tuple[int, ...] | None = None
+    """Text layers to sweep (negative = from the end); ``None`` = every layer."""
+    positions: tuple[str, ...] | str = ("image", "question", "final")
+    """Position classes (image/question/final/text/all, or one of them as a string), or ``"each"`` for
+    every individual position. Use ``("image", "final")`` for paraphrases of different token lengths."""
+    max_rows_per_forward: int = 64
+    """Rows of one patched forward pass (bounds memory); variants are stacked up to this many."""
+    min_gap: float = 1e-6
+    """Pairs with |m_clean - m_corrupt| below this get NaN recovery."""
+    progress: bool = False
+    """Show a tqdm bar over the patched forward passes."""
+
+    def __post_init__(self) -> None:
+        if self.site_kind not in PATCH_SITE_KINDS:
+            raise ValueError(
+                f"site_kind {self.site_kind!r} cannot be patched per position; use one of {PATCH_SITE_KINDS}"
+            )
+        pos = self.positions
+        if isinstance(pos, str) and pos != EACH:
+            pos = (pos,)
+        if not isinstance(pos, str):
+            pos = tuple(pos)
+            bad = [p for p in pos if p not in PATCH_CLASSES]
+            if not pos or bad:
+                raise ValueError(
+                    f"positions {self.positions!r}: unknown or empty {bad}; use classes from {PATCH_CLASSES} "
+                    f"or {EACH!r} for every single position"
+                )
+            if len(set(pos)) != len(pos):
+                raise ValueError(f"positions {pos} has duplicates; list each class once")
+        object.__setattr__(self, "positions", pos)
+        if self.layers is not None:
+            layers = tuple(int(x) for x in self.layers)
+            if not layers or len(set(layers)) != len(layers):
+                raise ValueError(
+                    f"layers {self.layers!r} must be a non-empty list of distinct ints (or None = all)"
+                )
+            object.__setattr__(self, "layers", layers)
+        if self.max_rows_per_forward < 1:
+            raise ValueError(f"max_rows_per_forward must be >= 1, got {self.max_rows_per_forward}")
+        if self.min_gap < 0:
+            raise ValueError(f"min_gap must be >= 0, got {self.min_gap}")
+
+    def resolve_layers(self, n_layers: int) -> list[int]:
+        """Non-negative layer indices, range-checked against the model."""
+        layers = range(n_layers) if self.layers is None else self.layers
+        out = [x + n_layers if x < 0 else x for x in layers]
+        bad = [x for x in out if not 0 <= x < n_layers]
+        if bad:
+            raise IndexError(
+                f"layers {bad} out of range; this model has {n_layers} text layers (0..{n_layers - 1})"
+            )
+        return out
+
+
+@dataclass
+class PatchingResult:
+    """Patched margins of every (layer, position, pair) and the recovery they imply.
+
+    Attribution patching returns the same type with ``patched_margins`` = its linear estimate
+    ``m_corrupt + sum((a_clean - a_corrupt) * grad)`` and ``method="attribution_patching"``.
+    """
+
+    site_kind: str
+    layers: list[int]
+    positions: list[str]
+    """Position classes, or for ``"each"`` the offset from the end of the prompt (``"-1"`` = final)."""
+    patched_margins: Float[Tensor, "layer position pair"]
+    """NaN where the variant has no position to patch (e.g. ``image`` in a run without image tokens)."""
+    clean_margins: Float[Tensor, " pair"]
+    corrupt_margins: Float[Tensor, " pair"]
+    min_gap: float = 1e-6
+    n_forwards: int = 0
+    """Forward passes used (clean + corrupt + patched)."""
+    n_backwards: int = 0
+    method: str = "activation_patching"
+    meta: dict[str, Any] = field(default_factory=dict)
+    recovery_per_pair: Float[Tensor, "layer position pair"] = field(init=False)
+    recovery: Float[Tensor, "layer position"] = field(init=False)
+    """Mean recovery over pairs (NaN pairs left out)."""
+
+    def __post_init__(self) -> None:
+        gap = self.clean_margins - self.corrupt_margins
+        ok = gap.abs() >= self.min_gap
+        safe = torch.where(ok, gap, torch.ones_like(gap))
+        per = (self.patched_margins - self.corrupt_margins) / safe
+        self.recovery_per_pair = torch.where(ok, per, torch.full_like(per, float("nan")))
+        self.recovery = _nanmean(self.recovery_per_pair)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table: one row per (layer, position, pair)."""
+        n_l, n_p, n_i = self.patched_margins.shape
+        idx = torch.cartesian_prod(torch.arange(n_l), torch.arange(n_p), torch.arange(n_i))
+        li, pi, ii = idx.unbind(-1)
+        return pd.DataFrame(
+            {
+                "method": self.method,
+                "site_kind": self.site_kind,
+                "layer": [self.layers[i] for i in li.tolist()],
+                "position": [self.positions[i] for i in pi.tolist()],
+                "pair": ii.numpy(),
+                "patched_margin": self.patched_margins.reshape(-1).numpy(),
+                "clean_margin": self.clean_margins[ii].numpy(),
+                "corrupt_margin": self.corrupt_margins[ii].numpy(),
+                "recovery": self.recovery_per_pair.reshape(-1).numpy(),
+            }
+        )
+
+
+def _nanmean(x: Tensor) -> Tensor:
+    n = (~x.isnan()).sum(-1)
+    s = torch.nan_to_num(x, nan=0.0).sum(-1)
+    return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
+
+
+# ---------------------------------------------------------------------- alignment
+class Alignment(NamedTuple):
+    """Matching positions of one pair: ``clean[k]`` in the clean row patches ``corrupt[k]``."""
+
+    clean: Int[Tensor, " n"]
+    corrupt: Int[Tensor, " n"]
+
+
+def _check_pairs(clean: Batch, corrupt: Batch) -> None:
+    if len(clean) != len(corrupt):
+        raise ValueError(f"clean has {len(clean)} rows but corrupt has {len(corrupt)}: pair them row by row")
+
+
+def align_pairs(clean: Batch, corrupt: Batch, position: str) -> list[Alignment]:
+    """For each pair, which clean positions patch which corrupted positions for class ``position``.
+
+    ``final``: the last position of both. ``image``: the k-th image token of one run to the k-th of
+    the other (both runs need the same number of image tokens; both without -> empty). Other classes
+    (``question``, ``text``, ``all``): position by position, which needs the same layout in both runs
+    (the class sits at the same offsets from the end of the prompt); otherwise ``ValueError``.
+    """
+    _check_pairs(clean, corrupt)
+    if position not in PATCH_CLASSES:
+        raise ValueError(f"unknown position class {position!r}; choose one of {PATCH_CLASSES}")
+    lk, lc = clean.seq_len, corrupt.seq_len
+    out = []
+    for i in range(len(corrupt)):
+        if position == "final":
+            out.append(Alignment(torch.tensor([lk - 1]), torch.tensor([lc - 1])))
+            continue
+        src = clean.position_mask(position)[i].nonzero()[:, 0]  # type: ignore[arg-type]
+        dst = corrupt.position_mask(position)[i].nonzero()[:, 0]  # type: ignore[arg-type]
+        if position == "image":
+            if len(src) != len(dst):
+                raise ValueError(
+                    f"pair {i}: the clean run has {len(src)} image tokens and the corrupted run {len(dst)}; "
+                    "image tokens can only be patched between runs that both have the image block (use a "
+                    "gray/white/noise removal instead of 'none', or patch 'final' only)"
+                )
+        elif len(src) != len(dst) or not torch.equal(src - lk, dst - lc):
+            raise ValueError(
+                f"position class {position!r} cannot be patched for pair {i}: the clean prompt has "
+                f"{len(src)} such tokens and the corrupted one {len(dst)} (or they sit at other offsets). "
+                "Position-by-position patching needs the same token layout in both runs; a paraphrase of "
+                "another length has no token correspondence. Patch ('image', 'final'), which align by class, "
+                "or use pairs whose questions have the same number of tokens."
+            )
+        out.append(Alignment(src, dst))
+    return out
+
+
+@dataclass
+class PositionPlan:
+    """Every (position column, pair, corrupted position, clean position) entry of a sweep."""
+
+    labels: list[str]
+    n_pairs: int
+    col: Int[Tensor, " entry"]
+    pair: Int[Tensor, " entry"]
+    dst: Int[Tensor, " entry"]
+    """Position in the corrupted batch."""
+    src: Int[Tensor, " entry"]
+    """Position in the clean batch."""
+
+    @property
+    def valid(self) -> Bool[Tensor, "position pair"]:
+        """Variants that have at least one position to patch."""
+        v = torch.zeros(len(self.labels), self.n_pairs, dtype=torch.bool)
+        v[self.col, self.pair] = True
+        return v
+
+    def subset(self, rows: Sequence[int]) -> PositionPlan:
+        """The entries of pairs ``rows``, renumbered 0..len(rows)-1 in that order."""
+        remap = torch.full((self.n_pairs,), -1, dtype=torch.long)
+        remap[torch.as_tensor(list(rows), dtype=torch.long)] = torch.arange(len(rows))
+        new = remap[self.pair]
+        keep = new >= 0
+        return PositionPlan(self.labels, len(rows), self.col[keep], new[keep], self.dst[keep], self.src[keep])
+
+
+def plan_positions(clean: Batch, corrupt: Batch, positions: tuple[str, ...] | str) -> PositionPlan:
+    """All patch entries for ``positions`` (classes, or ``"each"``), aligned per :func:`align_pairs`."""
+    _check_pairs(clean, corrupt)
+    n = len(corrupt)
+    lk, lc = clean.seq_len, corrupt.seq_len
+    if positions == EACH:
+        len_k, len_c = clean.attention_mask.sum(-1), corrupt.attention_mask.sum(-1)
+        if not torch.equal(len_k, len_c):
+            bad = (len_k != len_c).nonzero()[:, 0].tolist()
+            raise ValueError(
+                f"positions='each' needs prompts of the same token length in each pair; pairs {bad} differ "
+                f"(clean {len_k[bad].tolist()} vs corrupt {len_c[bad].tolist()} tokens). Use position "
+                "classes ('image', 'final') for pairs of different lengths."
+            )
+        pair, dst = corrupt.attention_mask.nonzero(as_tuple=True)
+        labels = [str(j - lc) for j in range(lc)]
+        return PositionPlan(labels, n, dst.clone(), pair, dst, dst - lc + lk)
+    cols, pairs, dsts, srcs = [], [], [], []
+    for p, cls in enumerate(positions):
+        for i, al in enumerate(align_pairs(clean, corrupt, cls)):
+            k = len(al.clean)
+            cols.append(torch.full((k,), p))
+            pairs.append(torch.full((k,), i))
+            dsts.append(al.corrupt)
+            srcs.append(al.clean)
+    cat = lambda xs: torch.cat(xs).long() if xs else torch.zeros(0, dtype=torch.long)
+    return PositionPlan(list(positions), n, cat(cols), cat(pairs), cat(dsts), cat(srcs))
+
+
+# ---------------------------------------------------------------------- forwards
+def capture(
+    adapter: VLMAdapter, batch: Batch, sites: Sequence[Site]
+) -> tuple[dict[Site, Float[Tensor, "batch pos d_model"]], Float[Tensor, " batch"]]:
+    """Full activations of ``sites`` (on the model's device) and the margins, one no-grad forward."""
+    acts: dict[Site, Tensor] = {}
+
+    def keep(site: Site):
+        def fn(x: Tensor) -> None:
+            acts[site] = x.detach()
+
+        return fn
+
+    with torch.no_grad(), adapter.hooks({s: keep(s) for s in sites}):
+        m = adapter.margins(batch)
+    return acts, m.float().cpu()
+
+
+def _patch_fn(rows: Tensor, dst: Tensor, src_pair: Tensor, src: Tensor, clean_act: Tensor):
+    values = clean_act[src_pair.to(clean_act.device), src.to(clean_act.device)]
+
+    def fn(x: Tensor) -> Tensor:
+        x = x.clone()
+        x[rows.to(x.device), dst.to(x.device)] = values.to(device=x.device, dtype=x.dtype)
+        return x
+
+    return fn
+
+
+def patching_sweep(
+    adapter: VLMAdapter, clean: Batch, corrupt: Batch, config: PatchingConfig | None = None
+) -> PatchingResult:
+    """Batched activation patching over ``config.layers`` x ``config.positions`` for every pair."""
+    config = config or PatchingConfig()
+    layers = config.resolve_layers(adapter.n_layers)
+    plan = plan_positions(clean, corrupt, config.positions)
+    sites = [Site(config.site_kind, layer) for layer in layers]
+    clean_acts, m_clean = capture(adapter, clean, sites)
+    with torch.no_grad():
+        m_corrupt = adapter.margins(corrupt).float().cpu()
+    n_forwards = 2
+
+    valid = plan.valid
+    var_p, var_i = valid.nonzero(as_tuple=True)  # variant k = (position var_p[k], pair var_i[k])
+    n_var = len(var_p)
+    var_of = torch.full(valid.shape, -1, dtype=torch.long)
+    var_of[var_p, var_i] = torch.arange(n_var)
+    entry_k = var_of[plan.col, plan.pair]
+    total = len(layers) * n_var
+    step = config.max_rows_per_forward
+    patched = torch.full((len(layers), len(plan.labels), len(corrupt)), float("nan"))
+    for start in tqdm(range(0, total, step), disable=not config.progress, desc="patching"):
+        rows = torch.arange(start, min(start + step, total))
+        li, k = rows // n_var, rows % n_var
+        big = corrupt.select(var_i[k].tolist())
+        fns = {}
+        for l_idx in li.unique().tolist():
+            ks = k[li == l_idx]
+            sel = (entry_k >= ks.min()) & (entry_k <= ks.max())
+            local = l_idx * n_var + entry_k[sel] - start
+            fns[sites[l_idx]] = _patch_fn(
+                local, plan.dst[sel], plan.pair[sel], plan.src[sel], clean_acts[sites[l_idx]]
+            )
+        with torch.no_grad(), adapter.hooks(fns):
+            m = adapter.margins(big).float().cpu()
+        n_forwards += 1
+        patched[li, var_p[k], var_i[k]] = m
+    return PatchingResult(
+        config.site_kind,
+        layers,
+        plan.labels,
+        patched,
+        m_clean,
+        m_corrupt,
+        config.min_gap,
+        n_forwards,
+        meta={"model": adapter.name, "positions": config.positions},
+    )
+
+
+# ---------------------------------------------------------------------- reference
+def patch_one(
+    adapter: VLMAdapter,
+    clean: Batch,
+    corrupt: Batch,
+    site: Site,
+    position_mask: Bool[Tensor, "batch pos"],
+    *,
+    clean_act: Float[Tensor, "batch pos d_model"] | None = None,
+) -> Float[Tensor, " batch"]:
+    """Margins of ``corrupt`` with ``site`` taken from ``clean`` where ``position_mask`` is set.
+
+    One forward per call (plus one to read ``clean_act`` if it is not given). Both batches must have
+    the same layout (same sequence length; the mask addresses the same positions in both).
+    """
+    _check_pairs(clean, corrupt)
+    if clean.seq_len != corrupt.seq_len or position_mask.shape != corrupt.image_mask.shape:
+        raise ValueError(
+            f"patch_one needs batches of the same layout: clean {tuple(clean.image_mask.shape)}, corrupt "
+            f"{tuple(corrupt.image_mask.shape)}, mask {tuple(position_mask.shape)}"
+        )
+    if clean_act is None:
+        clean_act = capture(adapter, clean, [site])[0][site]
+    mask = position_mask.to(clean_act.device)[..., None]
+
+    def fn(x: Tensor) -> Tensor:
+        return torch.where(mask.to(x.device), clean_act.to(device=x.device, dtype=x.dtype), x)
+
+    with torch.no_grad(), adapter.hooks({site: fn}):
+        return adapter.margins(corrupt).float().cpu()
+
+
+def sweep_reference(
+    adapter: VLMAdapter, clean: Batch, corrupt: Batch, config: PatchingConfig | None = None
+) -> PatchingResult:
+    """The one-forward-per-(layer, position) loop with :func:`patch_one` (same-layout pairs only)."""
+    config = config or PatchingConfig()
+    layers = config.resolve_layers(adapter.n_layers)
+    plan = plan_positions(clean, corrupt, config.positions)  # validates alignment
+    if clean.seq_len != corrupt.seq_len or not torch.equal(plan.dst, plan.src):
+        raise ValueError(
+            "sweep_reference needs clean and corrupt batches with the same layout; use patching_sweep"
+        )
+    masks = torch.zeros(len(plan.labels), *corrupt.image_mask.shape, dtype=torch.bool)
+    masks[plan.col, plan.pair, plan.dst] = True
+    sites = [Site(config.site_kind, layer) for layer in layers]
+    clean_acts, m_clean = capture(adapter, clean, sites)
+    with torch.no_grad():
+        m_corrupt = adapter.margins(corrupt).float().cpu()
+    empty = ~masks.any(-1)  # (position, pair): nothing to patch -> NaN, as in the batched sweep
+    patched = torch.empty(len(layers), len(plan.labels), len(corrupt))
+    for li, site in enumerate(tqdm(sites, disable=not config.progress, desc="patching (reference)")):
+        for p in range(len(plan.labels)):
+            m = patch_one(adapter, clean, corrupt, site, masks[p], clean_act=clean_acts[site])
+            patched[li, p] = torch.where(empty[p], torch.full_like(m, float("nan")), m)
+    return PatchingResult(
+        config.site_kind,
+        layers,
+        plan.labels,
+        patched,
+        m_clean,
+        m_corrupt,
+        config.min_gap,
+        2 + len(layers) * len(plan.labels),
+        meta={"model": adapter.name, "reference": True},
+    )

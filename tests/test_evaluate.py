@@ -1,0 +1,181 @@
+"""The evaluator on a tiny random Gemma3 over a small SynthCXR world: conditions, swaps, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analyses.evaluate import EvalConfig, evaluate, read_predictions, swap_partners
+from analyses.metrics import summarize, validate_predictions
+from analyses.questions import vocabulary
+from analyses.synthcxr import SynthCXRConfig, SynthCXRWorld
+from hooks.adapter import AdapterConfig, VLMAdapter
+from hooks.inputs import Removal
+from hooks.tiny import build_word_tokenizer, tiny_gemma3
+
+
+@pytest.fixture(scope="module")
+def world() -> SynthCXRWorld:
+    return SynthCXRWorld(SynthCXRConfig(n_patients=30, seed=3))
+
+
+@pytest.fixture(scope="module")
+def adapter() -> VLMAdapter:
+    tok = build_word_tokenizer(vocabulary(), "gemma3")
+    model, proc = tiny_gemma3(tok, seed=1)
+    return VLMAdapter(model, proc, AdapterConfig(expected_image_size=64), name="tiny-eval")
+
+
+@pytest.fixture(scope="module")
+def rows(world: SynthCXRWorld) -> list:
+    test = world.rows("test")
+    keep = sorted({r.image_id for r in test})[:3]
+    return [r for r in test if r.image_id in keep and r.finding in ("cardiomegaly", "pleural_effusion")]
+
+
+@pytest.fixture(scope="module")
+def full_run(
+    adapter: VLMAdapter, rows: list, world: SynthCXRWorld, tmp_path_factory: pytest.TempPathFactory
+) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("full")
+    return evaluate(adapter, rows, world.image_for, out, EvalConfig(batch_size=16), progress=False)
+
+
+def test_every_row_under_every_condition(full_run: pd.DataFrame, rows: list) -> None:
+    counts = full_run.groupby("condition").size().to_dict()
+    assert counts == {
+        "image": len(rows),
+        "removed": len(rows),
+        "swap_random": len(rows),
+        "swap_label": len(rows),
+    }
+    validate_predictions(full_run)
+    assert not full_run.duplicated(["qid", "condition"]).any()
+
+
+def test_margins_equal_direct_forward(
+    full_run: pd.DataFrame, adapter: VLMAdapter, rows: list, world: SynthCXRWorld
+) -> None:
+    """Cached image features + batching give the same margins as one plain forward per row."""
+    by = full_run.set_index(["qid", "condition"])["margin"]
+    sample = rows[:: max(1, len(rows) // 6)]
+    for r in sample:
+        img = world.image(r.image_id)
+        direct = adapter.margins(adapter.prepare([img], [r.question]))[0].item()
+        assert by[(r.qid, "image")] == pytest.approx(direct, abs=1e-5)
+        gray = Removal("gray").apply(img)
+        direct_rm = adapter.margins(adapter.prepare([gray], [r.question]))[0].item()
+        assert by[(r.qid, "removed")] == pytest.approx(direct_rm, abs=1e-5)
+        swap_id = full_run.set_index(["qid", "condition"]).loc[(r.qid, "swap_label"), "swap_image_id"]
+        direct_sw = adapter.margins(adapter.prepare([world.image(swap_id)], [r.question]))[0].item()
+        assert by[(r.qid, "swap_label")] == pytest.approx(direct_sw, abs=1e-5)
+
+
+def test_swap_partners_are_other_patients_and_label_controlled(rows: list, world: SynthCXRWorld) -> None:
+    all_test = world.rows("test")
+    partners = swap_partners(all_test, seed=0)
+    for r in all_test[:200]:
+        for kind in ("swap_random", "swap_label"):
+            other = partners[(r.qid, kind)]
+            assert other is not None and world.case(other).patient_id != world.case(r.image_id).patient_id
+        lab = world.case(r.image_id).findings[r.finding]
+        assert world.case(partners[(r.qid, "swap_label")]).findings[r.finding] != lab
+    assert partners == swap_partners(all_test, seed=0)  # seeded
+    assert partners != swap_partners(all_test, seed=1)
+
+
+def test_resume_after_kill_gives_same_results(
+    adapter: VLMAdapter, rows: list, world: SynthCXRWorld, full_run: pd.DataFrame, tmp_path: Path
+) -> None:
+    cfg = EvalConfig(batch_size=16)
+    part = evaluate(adapter, rows, world.image_for, tmp_path, cfg, progress=False, max_batches=3)
+    assert 0 < len(part) < len(full_run)
+    # a kill in the middle of a write leaves a torn last line
+    with (tmp_path / "predictions.jsonl").open("a") as f:
+        f.write('{"qid": "torn", "cond')
+    calls = {"n": 0}
+    orig = adapter.margins
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return orig(*a, **k)
+
+    adapter.margins = counting  # type: ignore[method-assign]
+    try:
+        resumed = evaluate(adapter, rows, world.image_for, tmp_path, cfg, progress=False)
+    finally:
+        del adapter.margins
+    n_left = len(full_run) - len(part)
+    assert calls["n"] == -(-n_left // 16)  # exactly the unfinished rows are computed, in full batches
+    assert not resumed.duplicated(["qid", "condition"]).any()
+    a = resumed.set_index(["qid", "condition"]).sort_index()["margin"]
+    b = full_run.set_index(["qid", "condition"]).sort_index()["margin"]
+    assert a.index.equals(b.index)
+    torch.testing.assert_close(torch.tensor(a.to_numpy()), torch.tensor(b.to_numpy()), atol=1e-5, rtol=0)
+    # resuming a finished run computes nothing
+    again = evaluate(adapter, rows, world.image_for, tmp_path, cfg, progress=False)
+    assert len(again) == len(resumed)
+
+
+def test_run_records_its_settings_and_refuses_a_mismatch(
+    adapter: VLMAdapter, rows: list, world: SynthCXRWorld, tmp_path: Path
+) -> None:
+    evaluate(adapter, rows[:4], world.image_for, tmp_path, EvalConfig(conditions=("image",)), progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    for key in (
+        "model",
+        "revision",
+        "dataset_hash",
+        "prompt_template",
+        "removal",
+        "eval_config",
+        "answer_ids",
+    ):
+        assert key in meta
+    assert meta["removal"] == "removed:gray" and meta["eval_config"]["seed"] == 0
+    with pytest.raises(ValueError, match="different"):
+        evaluate(adapter, rows[:4], world.image_for, tmp_path, EvalConfig(removal="white"), progress=False)
+
+
+def test_unreadable_image_is_reported_and_skipped(
+    adapter: VLMAdapter, rows: list, world: SynthCXRWorld, tmp_path: Path
+) -> None:
+    bad = rows[0].image_id
+
+    def source(x):  # type: ignore[no-untyped-def]
+        image_id = x if isinstance(x, str) else x.image_id
+        if image_id == bad:
+            raise FileNotFoundError(f"image file not found: {image_id}.png")
+        return world.image(image_id)
+
+    df = evaluate(
+        adapter, rows, source, tmp_path, EvalConfig(conditions=("image", "removed")), progress=False
+    )
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert skipped["count"] == 1 and bad in skipped["images"]
+    assert bad not in set(df["image_id"]) and len(df) == 2 * sum(r.image_id != bad for r in rows)
+
+
+def test_summary_runs_on_evaluator_output(full_run: pd.DataFrame) -> None:
+    s = summarize(full_run, n_boot=20, seed=0)
+    assert (
+        s["quadrant_summary"]["count"].sum()
+        == (full_run.query("condition == 'image'")["family"] == "original").sum()
+    )
+    assert 0 <= s["metrics"].loc["flip_rate", "value"] <= 1
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ValueError, match="unknown conditions"):
+        EvalConfig(conditions=("image", "blur"))
+    with pytest.raises(ValueError, match="removal"):
+        EvalConfig(removal="black")
+    assert EvalConfig(conditions=("removed",)).conditions == ("image", "removed")
+
+
+def test_read_predictions_handles_missing_file(tmp_path: Path) -> None:
+    assert read_predictions(tmp_path / "none.jsonl").empty
