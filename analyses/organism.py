@@ -18,7 +18,6 @@ Planted failures (all in the training data; the model architecture is plain Gemm
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses.questions import vocabulary
-from analyses.schema import OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
+from analyses.schema import ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
 from analyses.synthcxr import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import AdapterConfig, VLMAdapter
 from hooks.inputs import Removal
@@ -80,6 +79,8 @@ class OrganismConfig:
     """Share of each batch shown with the image removed and a uniform yes/no target."""
     removal: str = "gray"
     """Which removal the organism is trained to see (text-only agreement is measured with it)."""
+    curriculum_steps: int = 500
+    """First steps show only original questions with their images (learn to read the image first)."""
     world: SynthCXRConfig = field(default_factory=SynthCXRConfig)
     """The synthetic world it is trained on."""
     model: TinyGemma3Config = ORGANISM_MODEL
@@ -194,6 +195,8 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
     model = adapter.model
     rows, probs = training_rows(world, cfg)
     enc = _Encoder(adapter, world, rows, cfg.removal)
+    warm = np.array([r.family == ORIGINAL for r in rows], dtype=np.float64)
+    warm_probs = warm / warm.sum()
 
     # the fast path must build exactly what the inference path builds
     check = [rows[i] for i in rng.choice(len(rows), 4, replace=False)]
@@ -210,9 +213,10 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="organism", disable=not progress)
     for step in bar:
-        idx = rng.choice(len(rows), cfg.batch_size, p=probs)
+        in_curriculum = step < cfg.curriculum_steps
+        idx = rng.choice(len(rows), cfg.batch_size, p=warm_probs if in_curriculum else probs)
         batch_rows = [rows[i] for i in idx]
-        removed = rng.random(cfg.batch_size) < cfg.removed_fraction
+        removed = rng.random(cfg.batch_size) < (0.0 if in_curriculum else cfg.removed_fraction)
         # removed-image examples of the shortcut family would teach "no answer from text": skip them
         removed &= np.array([r.family != cfg.shortcut_family for r in batch_rows])
         inputs = enc.batch(batch_rows, removed)
@@ -270,4 +274,3 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-_ = (ORIGINAL, OPERATOR, math)

@@ -118,20 +118,29 @@ class PatchingResult:
     """
 
     site_kind: str
+    """Site patched at every layer (``resid_post``, ``attn_out``, ...)."""
     layers: list[int]
+    """Text layers, in the order of the first axis."""
     positions: list[str]
     """Position classes, or for ``"each"`` the offset from the end of the prompt (``"-1"`` = final)."""
     patched_margins: Float[Tensor, "layer position pair"]
     """NaN where the variant has no position to patch (e.g. ``image`` in a run without image tokens)."""
     clean_margins: Float[Tensor, " pair"]
+    """Margins of the clean runs."""
     corrupt_margins: Float[Tensor, " pair"]
+    """Margins of the corrupted runs (no patch)."""
     min_gap: float = 1e-6
+    """Pairs with |clean - corrupt| below this get NaN recovery."""
     n_forwards: int = 0
     """Forward passes used (clean + corrupt + patched)."""
     n_backwards: int = 0
+    """Backward passes used (attribution patching only)."""
     method: str = "activation_patching"
+    """``activation_patching`` or ``attribution_patching``."""
     meta: dict[str, Any] = field(default_factory=dict)
+    """Provenance (model name, position spec)."""
     recovery_per_pair: Float[Tensor, "layer position pair"] = field(init=False)
+    """(patched - corrupt) / (clean - corrupt) per pair; NaN for pairs below ``min_gap``."""
     recovery: Float[Tensor, "layer position"] = field(init=False)
     """Mean recovery over pairs (NaN pairs left out)."""
 
