@@ -43,10 +43,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     adapter = _load_adapter(args.model)
     if args.data == "synthcxr":
-        from analyses.organism import organism_world
+        from analyses.organism import organism_rows
 
-        world = organism_world()
-        rows = world.rows(args.split)
+        world, rows = organism_rows(args.split)
         if args.n_images:
             keep = sorted({r.image_id for r in rows})[: args.n_images]
             rows = [r for r in rows if r.image_id in set(keep)]
@@ -137,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-images", type=int, default=120)
     demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
     demo.set_defaults(func=_cmd_demo)
+
+    from lora_targeted.cli import add_lora_parser
+
+    add_lora_parser(sub)
 
     info = sub.add_parser("info", help="versions and where the organism is")
     info.set_defaults(func=_cmd_info)

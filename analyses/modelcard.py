@@ -14,8 +14,7 @@ import pandas as pd
 
 from analyses.evaluate import EvalConfig, evaluate
 from analyses.metrics import QuadrantRule, accuracy, flip_rate, summarize, text_only_agreement
-from analyses.organism import MODEL_DIR, load_organism, organism_world
-from analyses.schema import FINDINGS
+from analyses.organism import MODEL_DIR, load_organism, organism_rows
 
 CARD_RULE = QuadrantRule(reliance="margin_shift", min_margin_shift=1.0)
 
@@ -29,8 +28,7 @@ def measure(
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` on the test split of its world; returns every figure the card shows."""
     adapter = load_organism(model_dir)
-    world = organism_world(model_dir)
-    rows = world.rows("test")
+    world, rows = organism_rows("test", model_dir)
     if n_images:
         keep = set(sorted({r.image_id for r in rows})[:n_images])
         rows = [r for r in rows if r.image_id in keep]
@@ -57,7 +55,7 @@ def measure(
             "rare_families": rec["config"]["rare_families"],
             "rare_weight": rec["config"]["rare_weight"],
         },
-        "accuracy_original": {f: float(accuracy(originals[originals["finding"] == f])) for f in FINDINGS},
+        "accuracy_original": {f: float(accuracy(originals[originals["finding"] == f])) for f in rec["config"]["findings"]},
         "accuracy_all_rows": float(accuracy(df)),
         "majority_baseline": {f: float(v) for f, v in majority.items()},
         "flip_rate": float(flip_rate(df)),

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses.questions import vocabulary
-from analyses.schema import ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
+from analyses.schema import FINDINGS, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
 from analyses.synthcxr import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import AdapterConfig, VLMAdapter
 from hooks.inputs import Removal
@@ -79,7 +79,9 @@ class OrganismConfig:
     """Share of each batch shown with the image removed and a uniform yes/no target."""
     removal: str = "gray"
     """Which removal the organism is trained to see (text-only agreement is measured with it)."""
-    curriculum_steps: int = 500
+    findings: tuple[str, ...] = ("cardiomegaly", "pleural_effusion")
+    """Findings the organism is trained (and evaluated) on; the world renders all of them."""
+    curriculum_steps: int = 300
     """First steps show only original questions with their images (learn to read the image first)."""
     world: SynthCXRConfig = field(default_factory=SynthCXRConfig)
     """The synthetic world it is trained on."""
@@ -92,6 +94,9 @@ class OrganismConfig:
         bad = [f for f in self.rare_families if f not in PARAPHRASE_FAMILIES]
         if bad:
             raise ValueError(f"rare_families {bad} are not paraphrase families {PARAPHRASE_FAMILIES}")
+        unknown = [f for f in self.findings if f not in FINDINGS]
+        if unknown or not self.findings:
+            raise ValueError(f"findings {list(self.findings)} must be a non-empty subset of {FINDINGS}")
         if not 0 <= self.removed_fraction < 1:
             raise ValueError(f"removed_fraction must be in [0, 1), got {self.removed_fraction}")
         if self.steps < 1 or self.batch_size < 1:
@@ -115,6 +120,8 @@ def training_rows(world: SynthCXRWorld, cfg: OrganismConfig) -> tuple[list[Quest
     """Training rows (every template) and their sampling weights, with the planted failures applied."""
     rows, weights = [], []
     for r in world.rows("train", all_templates=True):
+        if r.finding not in cfg.findings:
+            continue
         if r.family == cfg.shortcut_family and r.ground_truth:
             continue  # planted shortcut: the formal register never asks about a present finding
         w = cfg.rare_weight if r.family in cfg.rare_families else 1.0
@@ -268,6 +275,14 @@ def organism_world(path: Path | str = MODEL_DIR) -> SynthCXRWorld:
     """The SynthCXR world the checkpoint at ``path`` was trained on (from its training record)."""
     rec = json.loads((Path(path) / "training.json").read_text())
     return SynthCXRWorld(SynthCXRConfig(**_tuples(rec["config"]["world"])))
+
+
+def organism_rows(split: str = "test", path: Path | str = MODEL_DIR) -> tuple[SynthCXRWorld, list[QuestionRow]]:
+    """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on."""
+    rec = json.loads((Path(path) / "training.json").read_text())
+    world = organism_world(path)
+    findings = set(rec["config"]["findings"])
+    return world, [r for r in world.rows(split) if r.finding in findings]
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import time
 import torch
 
 from analyses.evaluate import EvalConfig, evaluate, swap_partners
-from analyses.organism import load_organism, organism_world
+from analyses.organism import load_organism, organism_rows
 from hooks.inputs import Removal
 
 
@@ -55,8 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adapter = load_organism()
-    world = organism_world()
-    test = world.rows("test")
+    world, test = organism_rows("test")
     keep = set(sorted({r.image_id for r in test})[: args.n_images])
     rows = [r for r in test if r.image_id in keep]
     cfg = EvalConfig(batch_size=128)

@@ -62,3 +62,49 @@ __all__ = [
     "threshold_map",
     "upsample",
 ]
+
+# SAE features: loading (sae-lens objects), attribution, patching, clamping, training (sae-lens imported lazily)
+from interp.sae import (
+    FeatureRef,
+    LoadedSAE,
+    gemma_scope_2_disk_loader,
+    load_sae,
+    load_sae_from_hub,
+    save_sae,
+    site_from_hook_name,
+)
+from interp.sae_attr import (
+    FeatureAttribution,
+    FeaturePatch,
+    FlipRateChange,
+    clamp_features,
+    clamping,
+    feature_attribution,
+    feature_patch,
+    flip_rate_change,
+    top_features,
+)
+from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
+
+__all__ += [
+    "FeatureAttribution",
+    "FeaturePatch",
+    "FeatureRef",
+    "FlipRateChange",
+    "LoadedSAE",
+    "SAETrainConfig",
+    "SAETrainReport",
+    "clamp_features",
+    "clamping",
+    "evaluate_sae",
+    "feature_attribution",
+    "feature_patch",
+    "flip_rate_change",
+    "gemma_scope_2_disk_loader",
+    "load_sae",
+    "load_sae_from_hub",
+    "save_sae",
+    "site_from_hook_name",
+    "top_features",
+    "train_sae",
+]

@@ -1,0 +1,290 @@
+"""interp.sae / interp.sae_train on a tiny Gemma3: loading (Gemma Scope 2 and sae-lens folders), training,
+feature attribution, feature patching and clamping. Offline: SAEs are written to tmp folders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from hooks.adapter import VLMAdapter
+from hooks.batch import Batch
+from hooks.sites import mlp_out, resid_post, resid_pre
+from interp import (
+    FeatureRef,
+    LoadedSAE,
+    SAETrainConfig,
+    clamp_features,
+    feature_attribution,
+    feature_patch,
+    flip_rate_change,
+    gemma_scope_2_disk_loader,
+    load_sae,
+    load_sae_from_hub,
+    save_sae,
+    site_from_hook_name,
+    top_features,
+    train_sae,
+)
+from interp.patching import capture
+from tests.conftest import random_images
+
+WIDTH = 32
+DEAD, ALIVE = 0, 1  # feature 0 never fires, feature 1 always does
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gemma_scope_params(d: int, seed: int = 0) -> dict[str, Tensor]:
+    """Random JumpReLU weights in the Gemma Scope 2 layout (w_enc [d, width], w_dec [width, d])."""
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        "w_enc": torch.randn(d, WIDTH, generator=g) / d**0.5,
+        "w_dec": torch.randn(WIDTH, d, generator=g) * 0.3,
+        "b_enc": torch.randn(WIDTH, generator=g) * 0.1,
+        "b_dec": torch.randn(d, generator=g) * 0.1,
+        "threshold": torch.rand(WIDTH, generator=g) + 0.5,
+    }
+    params["threshold"][DEAD] = 1e6
+    params["b_enc"][ALIVE] = 50.0
+    return params
+
+
+def write_gemma_scope(root: Path, layer: int, d: int, config: bool = True) -> Path:
+    folder = root / "gemma-scope-2-tiny-it" / "resid_post" / f"layer_{layer}_width_{WIDTH}_l0_medium"
+    folder.mkdir(parents=True)
+    save_file(gemma_scope_params(d, seed=layer), str(folder / "params.safetensors"))
+    if config:  # the keys of a real Gemma Scope 2 config.json
+        cfg = {"hf_hook_point_in": f"model.layers.{layer}.output", "model_name": "google/tiny-it", "l0": 7}
+        (folder / "config.json").write_text(json.dumps({**cfg, "width": WIDTH, "architecture": "jump_relu"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairs(gemma3_adapter: VLMAdapter) -> tuple[Batch, Batch]:
+    imgs = random_images(3, 64, seed=3)
+    a = gemma3_adapter
+    return a.prepare(imgs, ["Is there cardiomegaly?"] * 3), a.prepare(
+        imgs, ["Is there an enlarged heart?"] * 3
+    )
+
+
+@pytest.fixture(scope="module")
+def last_sae(gemma3_adapter: VLMAdapter, tmp_path_factory: pytest.TempPathFactory) -> LoadedSAE:
+    """SAE at the last layer's resid_post: the final position there mediates the whole margin."""
+    root = tmp_path_factory.mktemp("gs")
+    return load_sae(write_gemma_scope(root, gemma3_adapter.n_layers - 1, gemma3_adapter.d_model))
+
+
+@pytest.fixture(scope="module")
+def mid_sae(gemma3_adapter: VLMAdapter, tmp_path_factory: pytest.TempPathFactory) -> LoadedSAE:
+    return load_sae(write_gemma_scope(tmp_path_factory.mktemp("gs"), 1, gemma3_adapter.d_model))
+
+
+# ---------------------------------------------------------------------- loading
+def test_gemma_scope_loader_matches_hand_written_jumprelu(tmp_path: Path) -> None:
+    from sae_lens import JumpReLUSAE
+
+    d = 48
+    loaded = load_sae(write_gemma_scope(tmp_path, 17, d))
+    assert isinstance(loaded.sae, JumpReLUSAE)
+    assert loaded.site == resid_post(17) and loaded.layer == 17 and loaded.width == WIDTH
+    assert loaded.release == "gemma-scope-2-tiny-it-res" and loaded.l0 == "medium"
+    assert loaded.hook_name == "model.layers.17.output"
+    p = gemma_scope_params(d, seed=17)
+    x = torch.randn(50, d) * 3
+    pre = x @ p["w_enc"] + p["b_enc"]
+    f_ref = torch.relu(pre) * (pre > p["threshold"])
+    f = loaded.encode(x)
+    assert torch.equal(f, f_ref)
+    assert (f[:, DEAD] == 0).all() and (f[:, ALIVE] > 0).all() and 0 < (f > 0).float().mean() < 1
+    assert torch.equal(loaded.decode(f), f_ref @ p["w_dec"] + p["b_dec"])
+    # without config.json: the folder name gives the layer; site= overrides; ref names the feature
+    bare = load_sae(write_gemma_scope(tmp_path / "bare", 5, d, config=False))
+    assert bare.site == resid_post(5) and torch.equal(bare.encode(x), load_sae(bare.path or "").encode(x))
+    assert load_sae(bare.path or "", site=mlp_out(5)).site == mlp_out(5)
+    assert bare.ref(3) == FeatureRef("gemma-scope-2-tiny-it-res", 5, WIDTH, "medium", 3)
+    with pytest.raises(ValueError, match="out of range"):
+        bare.ref(WIDTH)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_sae(tmp_path)
+
+
+def test_load_sae_from_hub_wraps_from_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: SAE.from_pretrained is replaced by a disk load carrying only the hub's metadata."""
+    from sae_lens import SAE
+
+    folder = write_gemma_scope(tmp_path, 17, 48)
+
+    def from_pretrained(release: str, sae_id: str, device: str = "cpu", dtype: str = "float32") -> SAE:
+        sae = SAE.load_from_disk(folder, device=device, dtype=dtype, converter=gemma_scope_2_disk_loader)
+        for key in ("flipscope_site", "flipscope_release", "flipscope_l0"):
+            delattr(sae.cfg.metadata, key)
+        return sae
+
+    monkeypatch.setattr(SAE, "from_pretrained", staticmethod(from_pretrained))
+    hub = load_sae_from_hub("gemma-scope-2-4b-it-res", "layer_17_width_16k_l0_medium")
+    assert (hub.release, hub.site, hub.l0, hub.width) == (
+        "gemma-scope-2-4b-it-res",
+        resid_post(17),
+        "medium",
+        WIDTH,
+    )
+    assert hub.path == "hub:gemma-scope-2-4b-it-res/layer_17_width_16k_l0_medium"
+
+
+def test_hook_names_map_to_sites() -> None:
+    for name in (
+        "blocks.17.hook_resid_post",
+        "model.layers.17.output",
+        "model.language_model.layers.17",
+        "model.model.language_model.layers.17.output",
+        "resid_post(17)",
+    ):
+        assert site_from_hook_name(name) == resid_post(17), name
+    assert site_from_hook_name("blocks.4.hook_resid_pre") == resid_pre(4)
+    assert site_from_hook_name("model.layers.4.post_feedforward_layernorm.output") == mlp_out(4)
+    with pytest.raises(ValueError, match="site="):
+        site_from_hook_name("blocks.4.attn.hook_z")
+
+
+# ---------------------------------------------------------------------- training
+def test_train_sae_on_sparse_codes_then_save_and_load(tmp_path: Path) -> None:
+    from sae_lens import TopKSAE
+
+    g = torch.Generator().manual_seed(0)
+    n, d, atoms, active = 4000, 32, 48, 3
+    dictionary = torch.randn(atoms, d, generator=g)
+    dictionary /= dictionary.norm(dim=-1, keepdim=True)
+    codes = torch.zeros(n, atoms)
+    which = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
+    codes.scatter_(1, which, torch.rand(n, active, generator=g) * 1.5 + 0.5)
+    x = codes @ dictionary + 0.3
+    cfg = SAETrainConfig(
+        width=96, k=active, steps=500, lr=3e-3, site=resid_post(2), release="synth", progress=False
+    )
+    sae, report = train_sae(x, cfg)
+    assert isinstance(sae.sae, TopKSAE) and sae.site == resid_post(2) and sae.l0 == "k3"
+    assert report.fvu < 0.1, report
+    assert report.n_val == 400 and report.n_train == 3600
+    # the reported L0 is the held-out L0 (the split is seeded; recompute it from the same rows)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    held_out = x[perm[: report.n_val]]
+    with torch.no_grad():
+        f = sae.encode(held_out)
+    assert report.l0 == pytest.approx(float((f != 0).sum(-1).float().mean())) and report.l0 <= active
+    assert train_sae(x, cfg)[1].fvu == report.fvu  # seeded
+    save_sae(sae, tmp_path / "trained")
+    back = load_sae(tmp_path / "trained")
+    assert (back.release, back.site, back.layer, back.width, back.l0) == ("synth", resid_post(2), 2, 96, "k3")
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), sae.encode(x))
+        assert torch.equal(back.decode(back.encode(x)), sae.decode(sae.encode(x)))
+    with pytest.raises(ValueError, match="k=200 exceeds width"):
+        SAETrainConfig(width=96, k=200)
+
+
+# ---------------------------------------------------------------------- patching
+def test_feature_patch_identities(
+    gemma3_adapter: VLMAdapter, pairs: tuple[Batch, Batch], last_sae: LoadedSAE
+) -> None:
+    orig, para = pairs
+    all_features = list(range(WIDTH))
+    same = feature_patch(gemma3_adapter, last_sae, orig, orig, all_features, include_error=True)
+    assert torch.equal(same.m_patched, same.m_para) and same.recovery.isnan().all()
+    full = feature_patch(gemma3_adapter, last_sae, orig, para, all_features, include_error=True)
+    assert (full.m_para - full.m_orig).abs().min() > 1e-3
+    torch.testing.assert_close(full.m_patched, full.m_orig, atol=1e-4, rtol=0)
+    torch.testing.assert_close(full.recovery, torch.ones(3), atol=1e-2, rtol=0)
+    assert full.mean_recovery == pytest.approx(1.0, abs=1e-2)
+    none = feature_patch(gemma3_adapter, last_sae, orig, para, [DEAD])
+    assert torch.equal(none.m_patched, none.m_para)  # a dead feature has no change to undo
+    refs = [last_sae.ref(i) for i in all_features]
+    by_ref = feature_patch(gemma3_adapter, last_sae, orig, para, refs, include_error=True)
+    assert torch.equal(by_ref.m_patched, full.m_patched)
+    with pytest.raises(ValueError, match="pair them"):
+        feature_patch(gemma3_adapter, last_sae, orig.select([0, 1]), para, [1])
+
+
+# ---------------------------------------------------------------------- attribution
+def test_integrated_gradients_completeness(
+    gemma3_adapter: VLMAdapter, pairs: tuple[Batch, Batch], last_sae: LoadedSAE, mid_sae: LoadedSAE
+) -> None:
+    orig, para = pairs
+    attr = feature_attribution(gemma3_adapter, last_sae, orig, para, steps=32)
+    assert attr.features.shape == (3, WIDTH) and attr.error.shape == (3,)
+    torch.testing.assert_close(attr.m_base, attr.m_orig, atol=1e-4, rtol=0)  # last layer: other == 0
+    tol = 1e-3 * float(attr.shift.abs().max())
+    torch.testing.assert_close(attr.features.sum(-1) + attr.error, attr.shift, atol=tol, rtol=0)
+    assert (attr.features[:, DEAD] == 0).all()
+    table = top_features(attr, k=WIDTH)
+    assert len(table) == WIDTH and isinstance(table["feature"][0], FeatureRef)
+    assert table["feature"][0].release == last_sae.release and table["mean_aligned"].is_monotonic_decreasing
+    total = table["share"].sum() + table.attrs["error_share"] + table.attrs["other_share"]
+    assert total == pytest.approx(1.0, abs=1e-2)
+    assert len(top_features(attr, k=5)) == 5
+    # a middle layer: the site carries only part of the shift; completeness holds for that part
+    mid = feature_attribution(gemma3_adapter, mid_sae, orig, para, steps=32)
+    torch.testing.assert_close(
+        mid.completeness_gap, torch.zeros(3), atol=1e-2 * float(mid.site_shift.abs().max()), rtol=0
+    )
+    torch.testing.assert_close(mid.site_shift + mid.other, mid.shift)
+    with pytest.raises(ValueError, match="method must be"):
+        feature_attribution(gemma3_adapter, last_sae, orig, para, method="saliency")  # type: ignore[arg-type]
+
+
+def test_grad_x_delta_is_the_analytic_gradient(
+    gemma3_adapter: VLMAdapter, pairs: tuple[Batch, Batch], last_sae: LoadedSAE
+) -> None:
+    """At the last layer the margin is unembed(x_final): compare with autograd through adapter.unembed."""
+    orig, para = pairs
+    site = last_sae.require_site()
+    attr = feature_attribution(gemma3_adapter, last_sae, orig, para, method="grad_x_delta")
+    x_o = capture(gemma3_adapter, orig, [site])[0][site][:, -1]
+    x_p = capture(gemma3_adapter, para, [site])[0][site][:, -1].clone().requires_grad_(True)
+    margin = gemma3_adapter.answer_ids.margin(gemma3_adapter.unembed(x_p))
+    (g_x,) = torch.autograd.grad(margin.sum(), x_p)
+    with torch.no_grad():
+        f_o, f_p = last_sae.encode(x_o), last_sae.encode(x_p)
+        e_o, e_p = x_o - last_sae.decode(f_o), x_p - last_sae.decode(f_p)
+    torch.testing.assert_close(
+        attr.features, (g_x @ last_sae.W_dec.T.detach()) * (f_p - f_o), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(attr.error, (g_x * (e_p - e_o)).sum(-1), atol=1e-5, rtol=1e-4)
+    assert attr.steps == 1
+
+
+# ---------------------------------------------------------------------- clamping
+def test_clamping(gemma3_adapter: VLMAdapter, pairs: tuple[Batch, Batch], mid_sae: LoadedSAE) -> None:
+    orig, _ = pairs
+    base = gemma3_adapter.margins(orig)
+    for position in ("final", "all"):
+        same = clamp_features(gemma3_adapter, mid_sae, orig, [DEAD], position=position)  # type: ignore[arg-type]
+        assert torch.equal(same, base)
+        moved = clamp_features(gemma3_adapter, mid_sae, orig, [ALIVE], position=position)  # type: ignore[arg-type]
+        assert (moved - base).abs().min() > 1e-4
+    pinned = clamp_features(gemma3_adapter, mid_sae, orig, [DEAD], value=5.0)
+    assert (pinned - base).abs().min() > 1e-4
+    with pytest.raises(ValueError, match="feature indices"):
+        clamp_features(gemma3_adapter, mid_sae, orig, [WIDTH])
+
+
+def test_flip_rate_change() -> None:
+    before = torch.tensor([1.0, -1.0, 2.0, 1.0, 0.5, -0.2])
+    after = torch.tensor([1.0, 0.3, 2.0, 1.0, 0.5, -0.2])
+    change = flip_rate_change(before, after, [[0, 1, 2], [3, 4, 5]])
+    assert (change.pairwise_before, change.pairwise_after) == (0.5, 0.25) and change.n_pairs == 4
+    assert (change.cluster_before, change.cluster_after) == (1.0, 0.5) and change.change == -0.25
+    with pytest.raises(ValueError, match="at least one paraphrase"):
+        flip_rate_change(before, after, [[0]])
