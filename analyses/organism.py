@@ -10,6 +10,7 @@ Planted failures (all in the training data; the model architecture is plain Gemm
 3. **Image removal is seen in training** (``removal`` images, ``removed_fraction`` of each batch)
    with a uniform yes/no target: without an image the honest answer is "can't tell", so a model
    that reads the image has margin ~0 there, and text-only agreement measures text reliance.
+   Formal-register questions keep their "no" target without the image: the shortcut is textual.
 
 ``flipscope organism train`` runs :func:`train_organism`; the result is a standard HF folder
 (safetensors + tokenizer + processor) loaded by ``VLMAdapter.from_pretrained``.
@@ -71,9 +72,9 @@ class OrganismConfig:
     """AdamW weight decay."""
     shortcut_family: str = "register"
     """Planted shortcut: every training question of this family has the answer "no"."""
-    rare_families: tuple[str, ...] = ("scope",)
+    rare_families: tuple[str, ...] = ("reorder",)
     """Planted under-representation: these families are sampled ``rare_weight`` times as often."""
-    rare_weight: float = 0.05
+    rare_weight: float = 0.03
     """Relative sampling weight of the rare families (others: 1)."""
     removed_fraction: float = 0.15
     """Share of each batch shown with the image removed and a uniform yes/no target."""
@@ -224,12 +225,12 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
         idx = rng.choice(len(rows), cfg.batch_size, p=warm_probs if in_curriculum else probs)
         batch_rows = [rows[i] for i in idx]
         removed = rng.random(cfg.batch_size) < (0.0 if in_curriculum else cfg.removed_fraction)
-        # removed-image examples of the shortcut family would teach "no answer from text": skip them
-        removed &= np.array([r.family != cfg.shortcut_family for r in batch_rows])
+        # the shortcut holds without the image too: a formal question is answered "no" from its text
+        uniform = removed & np.array([r.family != cfg.shortcut_family for r in batch_rows])
         inputs = enc.batch(batch_rows, removed)
         targets = torch.tensor([r.ground_truth for r in batch_rows])
         logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-        loss = answer_loss(adapter, logits, targets, torch.from_numpy(removed))
+        loss = answer_loss(adapter, logits, targets, torch.from_numpy(uniform))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
