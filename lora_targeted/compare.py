@@ -101,7 +101,7 @@ class Comparison:
         cols = ["adapter", *[c if c != "family_flip_rate" else f"flip_rate[{self.family}]" for c in COLUMNS]]
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|"]
         for name, row in self.table.iterrows():
-            cells = [str(name), *[_fmt(row[c], digits) for c in COLUMNS]]
+            cells = [str(name), *[_fmt(row[c], digits, count=c in COUNT_COLUMNS) for c in COLUMNS]]
             lines.append("| " + " | ".join(cells) + " |")
         note = (
             f"\n\nfamily flip rate: `{self.family}`; into_dangerous: samples moving into Dangerous vs "
@@ -123,7 +123,9 @@ class Comparison:
 _PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3")
 
 
-def _fmt(v: Any, digits: int) -> str:
+def _fmt(v: Any, digits: int, count: bool = False) -> str:
+    if count and isinstance(v, float) and v.is_integer():
+        return str(int(v))  # counts are floats only so they can be NaN; 0 and 1 are counts too
     if isinstance(v, float):
         return (
             "nan" if math.isnan(v) else (str(int(v)) if v.is_integer() and abs(v) > 1 else f"{v:.{digits}f}")
