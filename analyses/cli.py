@@ -56,11 +56,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         loaded = load_psf_rows(args.data)
         print(loaded.report())
         rows, source = loaded.rows, loaded.image_for
+    from analyses.metrics import QuadrantRule
+
     cfg = EvalConfig(removal=args.removal, batch_size=args.batch_size, seed=args.seed)
+    rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
     out = Path(args.out)
     df = evaluate(adapter, rows, source, out, cfg, progress=not args.quiet)
-    print(summary_table(df, n_boot=args.n_boot, seed=args.seed))
-    report = write_report(df, out, title=f"flipscope eval: {args.model}", n_boot=args.n_boot, seed=args.seed)
+    print(summary_table(df, n_boot=args.n_boot, seed=args.seed, rule=rule))
+    report = write_report(
+        df, out, title=f"flipscope eval: {args.model}", n_boot=args.n_boot, seed=args.seed, rule=rule
+    )
     print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
     return 0
 
@@ -128,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--n-boot", type=int, default=1000)
+    ev.add_argument(
+        "--reliance",
+        default="pred_change",
+        choices=["pred_change", "margin_shift"],
+        help="quadrant rule: image-reliant if the prediction changes without the image, or if the margin moves",
+    )
+    ev.add_argument("--min-margin-shift", type=float, default=1.0, help="logits, for --reliance margin_shift")
     ev.add_argument("--out", default=str(DEFAULT_RUNS / "eval"))
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
