@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_RUNS = Path("runs")
 
@@ -49,7 +50,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.n_images:
             keep = sorted({r.image_id for r in rows})[: args.n_images]
             rows = [r for r in rows if r.image_id in set(keep)]
-        source = world.image_for
+        source: Any = world.image_for
     else:
         from analyses.loaders import load_psf_rows
 

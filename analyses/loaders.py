@@ -37,13 +37,31 @@ from analyses.synthcxr import BOX_COLUMNS, VINDR_CLASS_NAMES
 
 log = logging.getLogger(__name__)
 __all__ = [
-    "EXPECTED_COLUMNS", "FORMATS", "REASONS", "BoxTuple", "LoadedRows", "SkippedRow", "boxes_for",
-    "load_psf_rows", "load_vindr_boxes", "mimic_image_paths", "parse_ground_truth", "parse_polarity",
+    "EXPECTED_COLUMNS",
+    "FORMATS",
+    "REASONS",
+    "BoxTuple",
+    "LoadedRows",
+    "SkippedRow",
+    "boxes_for",
+    "load_psf_rows",
+    "load_vindr_boxes",
+    "mimic_image_paths",
+    "parse_ground_truth",
+    "parse_polarity",
 ]
 
 #: Columns every PSF-Med-style file must have (after ``column_map``); ``patient_id`` is optional.
 EXPECTED_COLUMNS: tuple[str, ...] = (
-    "qid", "image_id", "question", "family", "paraphrase_of", "polarity", "ground_truth", "finding", "split",
+    "qid",
+    "image_id",
+    "question",
+    "family",
+    "paraphrase_of",
+    "polarity",
+    "ground_truth",
+    "finding",
+    "split",
     "image_path",
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id",)
@@ -55,10 +73,23 @@ _POLARITY_WORDS = {"preserve": 1, "invert": -1}
 
 #: Every reason a row can be skipped for, in the order checks run (first failing check wins).
 REASONS: tuple[str, ...] = (
-    "missing qid", "duplicate qid", "invalid split", "empty question", "missing image_id or finding",
-    "unknown family", "invalid polarity", "invalid ground truth", "rejected by QuestionRow", "missing image",
-    "unreadable image", "conflicting image path", "not an original", "original mismatch",
-    "ground truth inconsistent with original", "original skipped", "original missing",
+    "missing qid",
+    "duplicate qid",
+    "invalid split",
+    "empty question",
+    "missing image_id or finding",
+    "unknown family",
+    "invalid polarity",
+    "invalid ground truth",
+    "rejected by QuestionRow",
+    "missing image",
+    "unreadable image",
+    "conflicting image path",
+    "not an original",
+    "original mismatch",
+    "ground truth inconsistent with original",
+    "original skipped",
+    "original missing",
 )
 
 
@@ -144,7 +175,6 @@ class LoadedRows:
             if example.detail:
                 lines.append(f"    e.g. {example.qid}: {example.detail}")
         return "\n".join(lines)
-
 
 
 def _missing(v: Any) -> bool:
@@ -321,10 +351,18 @@ def load_psf_rows(
         image_file = str(root / rel) if rel else ""
         try:
             row = QuestionRow(
-                qid=qid, image_id=image_id, question=str(question), family=family,
-                paraphrase_of=_text(rec.get("paraphrase_of")) or None, polarity=polarity, ground_truth=truth,
-                finding=finding, split=row_split, patient_id=_text(rec.get("patient_id")),
-                image_path=image_file, meta={c: _text(rec.get(c)) for c in extra},
+                qid=qid,
+                image_id=image_id,
+                question=str(question),
+                family=family,
+                paraphrase_of=_text(rec.get("paraphrase_of")) or None,
+                polarity=polarity,
+                ground_truth=truth,
+                finding=finding,
+                split=row_split,
+                patient_id=_text(rec.get("patient_id")),
+                image_path=image_file,
+                meta={c: _text(rec.get(c)) for c in extra},
             )
         except ValueError as err:
             skip(qid, "rejected by QuestionRow", str(err), i)
@@ -353,8 +391,12 @@ def load_psf_rows(
             skip(row.qid, *reason, i)
     used = {r.image_id for r in rows}
     return LoadedRows(
-        rows=rows, problems=problems, n_read=len(records), source=str(path),
-        image_paths={k: v for k, v in image_paths.items() if k in used}, n_other_split=len(other_split),
+        rows=rows,
+        problems=problems,
+        n_read=len(records),
+        source=str(path),
+        image_paths={k: v for k, v in image_paths.items() if k in used},
+        n_other_split=len(other_split),
     )
 
 
@@ -393,7 +435,6 @@ def _variant_problem(
         return "original skipped", f"original {target!r} was skipped"
     where = f" (it is in split {other[target]!r})" if target in other else " (not in the file)"
     return "original missing", f"paraphrase_of={target!r}{where}"
-
 
 
 class BoxTuple(NamedTuple):
@@ -451,7 +492,6 @@ def boxes_for(image_id: str, boxes_df: pd.DataFrame, class_name: str | None = No
         BoxTuple(str(r.class_name), float(r.x_min), float(r.y_min), float(r.x_max), float(r.y_max))
         for r in sel.itertuples(index=False)
     ]
-
 
 
 def mimic_image_paths(

@@ -57,7 +57,9 @@ def measure(
             "rare_families": rec["config"]["rare_families"],
             "rare_weight": rec["config"]["rare_weight"],
         },
-        "accuracy_original": {f: float(accuracy(originals[originals["finding"] == f])) for f in rec["config"]["findings"]},
+        "accuracy_original": {
+            f: float(accuracy(originals[originals["finding"] == f])) for f in rec["config"]["findings"]
+        },
         "accuracy_all_rows": float(accuracy(df)),
         "majority_baseline": {f: float(v) for f, v in majority.items()},
         "flip_rate": float(flip_rate(df)),
@@ -83,8 +85,12 @@ def fixed_sample_accuracy(adapter: Any, model_dir: Path = MODEL_DIR) -> dict[str
     rows = [r for r in rows if r.image_id in keep and r.family == "original"]
     m = adapter.margins_for([world.image(r.image_id) for r in rows], [r.question for r in rows])
     correct = [(mi > 0) == r.ground_truth for mi, r in zip(m.tolist(), rows, strict=True)]
-    return {"n_images": FIXED_SAMPLE_IMAGES, "n_questions": len(rows), "accuracy": sum(correct) / len(rows),
-            "margins": [round(x, 4) for x in m.tolist()]}
+    return {
+        "n_images": FIXED_SAMPLE_IMAGES,
+        "n_questions": len(rows),
+        "accuracy": sum(correct) / len(rows),
+        "margins": [round(x, 4) for x in m.tolist()],
+    }
 
 
 def _series(t: pd.DataFrame) -> dict[str, dict[str, float]]:

@@ -241,7 +241,9 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
                 m = adapter.answer_ids.margin(logits)
                 keep = torch.from_numpy(~removed)
                 acc = ((m > 0) == targets)[keep].float().mean().item()
-            log.append({"step": step, "loss": loss.item(), "train_acc": acc, "lr": sched.get_last_lr()[0]})
+            log.append(
+                {"step": step, "loss": loss.item(), "train_acc": acc, "lr": float(sched.get_last_lr()[0])}
+            )
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
     model.eval()
     seconds = time.time() - t0
@@ -278,7 +280,9 @@ def organism_world(path: Path | str = MODEL_DIR) -> SynthCXRWorld:
     return SynthCXRWorld(SynthCXRConfig(**_tuples(rec["config"]["world"])))
 
 
-def organism_rows(split: str = "test", path: Path | str = MODEL_DIR) -> tuple[SynthCXRWorld, list[QuestionRow]]:
+def organism_rows(
+    split: str = "test", path: Path | str = MODEL_DIR
+) -> tuple[SynthCXRWorld, list[QuestionRow]]:
     """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on."""
     rec = json.loads((Path(path) / "training.json").read_text())
     world = organism_world(path)
@@ -288,5 +292,3 @@ def organism_rows(split: str = "test", path: Path | str = MODEL_DIR) -> tuple[Sy
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-

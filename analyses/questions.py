@@ -307,8 +307,14 @@ def make_rows(
         common["split"] = split
         rows.append(
             QuestionRow(
-                qid=orig_qid, question=templates(finding, ORIGINAL)[0], family=ORIGINAL, paraphrase_of=None,
-                polarity=1, ground_truth=label, meta={"template": "0", "held_out": "0"}, **common,
+                qid=orig_qid,
+                question=templates(finding, ORIGINAL)[0],
+                family=ORIGINAL,
+                paraphrase_of=None,
+                polarity=1,
+                ground_truth=label,
+                meta={"template": "0", "held_out": "0"},
+                **common,
             )
         )
         for family in TEMPLATE_FAMILIES:
@@ -324,9 +330,14 @@ def make_rows(
             for i in chosen:
                 rows.append(
                     QuestionRow(
-                        qid=f"{case.image_id}/{finding}/{family}/{i}", question=texts[i], family=family,
-                        paraphrase_of=orig_qid, polarity=polarity, ground_truth=label == (polarity == 1),
-                        meta={"template": str(i), "held_out": "1" if i in held else "0"}, **common,
+                        qid=f"{case.image_id}/{finding}/{family}/{i}",
+                        question=texts[i],
+                        family=family,
+                        paraphrase_of=orig_qid,
+                        polarity=polarity,
+                        ground_truth=label == (polarity == 1),
+                        meta={"template": str(i), "held_out": "1" if i in held else "0"},
+                        **common,
                     )
                 )
     return rows

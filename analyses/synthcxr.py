@@ -38,9 +38,22 @@ from analyses.schema import FINDINGS, QuestionRow
 from analyses.synthcxr_render import case_masks, render_case
 
 __all__ = [
-    "BOX_COLUMNS", "VINDR_CLASS_NAMES", "Anatomy", "Atelectasis", "Box", "Case", "Consolidation", "Effusion",
-    "Pneumothorax", "SynthCXRConfig", "SynthCXRWorld", "assign_splits", "case_boxes", "case_masks",
-    "render_case", "sample_case",
+    "BOX_COLUMNS",
+    "VINDR_CLASS_NAMES",
+    "Anatomy",
+    "Atelectasis",
+    "Box",
+    "Case",
+    "Consolidation",
+    "Effusion",
+    "Pneumothorax",
+    "SynthCXRConfig",
+    "SynthCXRWorld",
+    "assign_splits",
+    "case_boxes",
+    "case_masks",
+    "render_case",
+    "sample_case",
 ]
 
 #: Columns of a VinDr-CXR box table, in order.
@@ -307,14 +320,24 @@ def sample_case(cfg: SynthCXRConfig, patient_index: int, image_index: int, split
     """Draw one case (without boxes) from ``(cfg.seed, patient_index, image_index)`` alone."""
     p = np.random.default_rng([cfg.seed, 0, patient_index])
     anatomy = Anatomy(
-        cx=0.5 + p.uniform(-0.03, 0.03), y_apex=0.13 + p.uniform(-0.02, 0.02),
-        y_base=0.80 + p.uniform(-0.03, 0.03), half_width=0.37 * p.uniform(0.92, 1.05),
-        mediastinum=0.075 * p.uniform(0.9, 1.1), dome_right=p.uniform(0.065, 0.09),
-        dome_left=p.uniform(0.05, 0.075), heart_y=0.0, heart_half_height=p.uniform(0.11, 0.14),
-        ctr_normal=p.uniform(*CTR_NORMAL_RANGE), ctr_enlarged=p.uniform(*CTR_ENLARGED_RANGE),
-        angle_deg=p.uniform(-3.0, 3.0), rib_spacing=p.uniform(0.075, 0.09), rib_phase=p.uniform(0, 1),
-        vessel_count=int(p.integers(12, 17)), vessel_phase=p.uniform(0, 2 * math.pi),
-        gain=p.uniform(0.88, 1.12), offset=p.uniform(-10, 10),
+        cx=0.5 + p.uniform(-0.03, 0.03),
+        y_apex=0.13 + p.uniform(-0.02, 0.02),
+        y_base=0.80 + p.uniform(-0.03, 0.03),
+        half_width=0.37 * p.uniform(0.92, 1.05),
+        mediastinum=0.075 * p.uniform(0.9, 1.1),
+        dome_right=p.uniform(0.065, 0.09),
+        dome_left=p.uniform(0.05, 0.075),
+        heart_y=0.0,
+        heart_half_height=p.uniform(0.11, 0.14),
+        ctr_normal=p.uniform(*CTR_NORMAL_RANGE),
+        ctr_enlarged=p.uniform(*CTR_ENLARGED_RANGE),
+        angle_deg=p.uniform(-3.0, 3.0),
+        rib_spacing=p.uniform(0.075, 0.09),
+        rib_phase=p.uniform(0, 1),
+        vessel_count=int(p.integers(12, 17)),
+        vessel_phase=p.uniform(0, 2 * math.pi),
+        gain=p.uniform(0.88, 1.12),
+        offset=p.uniform(-10, 10),
     )
     anatomy = replace(anatomy, heart_y=anatomy.y_base - p.uniform(0.11, 0.14))
     r = np.random.default_rng([cfg.seed, 1, patient_index, image_index])
@@ -326,19 +349,35 @@ def sample_case(cfg: SynthCXRConfig, patient_index: int, image_index: int, split
     effusion = Effusion(side(), depth=r.uniform(0.07, 0.18), meniscus=r.uniform(0.06, 0.12))
     pneumothorax = Pneumothorax(side(), gap=r.uniform(0.055, 0.1))
     consolidation = Consolidation(
-        side(), u=r.uniform(0.4, 0.75), v=r.uniform(0.3, 0.6), radius=r.uniform(0.06, 0.09),
+        side(),
+        u=r.uniform(0.4, 0.75),
+        v=r.uniform(0.3, 0.6),
+        radius=r.uniform(0.06, 0.09),
         lobes=tuple((float(a), float(b)) for a, b in r.uniform(-1.0, 1.0, size=(2, 2))),
     )
     atelectasis = Atelectasis(
-        side(), u=r.uniform(0.45, 0.7), v=r.uniform(0.5, 0.66), angle_deg=r.uniform(-20, 20),
-        half_length=r.uniform(0.08, 0.13), thickness=r.uniform(0.014, 0.024), elevation=r.uniform(0.03, 0.06),
+        side(),
+        u=r.uniform(0.45, 0.7),
+        v=r.uniform(0.5, 0.66),
+        angle_deg=r.uniform(-20, 20),
+        half_length=r.uniform(0.08, 0.13),
+        thickness=r.uniform(0.014, 0.024),
+        elevation=r.uniform(0.03, 0.06),
     )
     ctr = anatomy.ctr_enlarged if present["cardiomegaly"] else anatomy.ctr_normal
     return Case(
-        image_id=f"p{patient_index:05d}_{image_index}", patient_id=f"p{patient_index:05d}", split=split,
-        findings=present, ctr=float(ctr), boxes=[],
-        effusion_side=effusion.side if present["pleural_effusion"] else None, anatomy=anatomy,
-        effusion=effusion, pneumothorax=pneumothorax, consolidation=consolidation, atelectasis=atelectasis,
+        image_id=f"p{patient_index:05d}_{image_index}",
+        patient_id=f"p{patient_index:05d}",
+        split=split,
+        findings=present,
+        ctr=float(ctr),
+        boxes=[],
+        effusion_side=effusion.side if present["pleural_effusion"] else None,
+        anatomy=anatomy,
+        effusion=effusion,
+        pneumothorax=pneumothorax,
+        consolidation=consolidation,
+        atelectasis=atelectasis,
         render_key=(cfg.seed, 2, patient_index, image_index),
     )
 
@@ -349,8 +388,12 @@ def _bbox(image_id: str, name: str, mask: np.ndarray, pad: int = 1) -> Box:
         raise RuntimeError(f"{image_id}: finding {name!r} is labelled present but renders nothing")
     h, w = mask.shape
     return Box(
-        image_id, name, max(int(cols[0]) - pad, 0), max(int(rows[0]) - pad, 0),
-        min(int(cols[-1]) + 1 + pad, w), min(int(rows[-1]) + 1 + pad, h),
+        image_id,
+        name,
+        max(int(cols[0]) - pad, 0),
+        max(int(rows[0]) - pad, 0),
+        min(int(cols[-1]) + 1 + pad, w),
+        min(int(rows[-1]) + 1 + pad, h),
     )
 
 

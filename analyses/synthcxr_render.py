@@ -74,8 +74,13 @@ def _layout(case: Case, size: int, findings: Mapping[str, bool]) -> dict[str, np
 
     def centre(side: str, u: float, v: float) -> tuple[float, float]:
         """Nominal point (u, v) of a hemithorax, moved into that side's visible lung if it is not there."""
-        return _anchor(gx, gy, lung_vis & (sgn == _sign(side)), cx + _sign(side) * (med0 + u * (A - med0)),
-                       ya + v * (yb - ya))
+        return _anchor(
+            gx,
+            gy,
+            lung_vis & (sgn == _sign(side)),
+            cx + _sign(side) * (med0 + u * (A - med0)),
+            ya + v * (yb - ya),
+        )
 
     if findings["consolidation"]:
         co = case.consolidation

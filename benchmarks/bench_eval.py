@@ -42,7 +42,9 @@ def naive(adapter, rows, world, cfg):  # type: ignore[no-untyped-def]
                 im = world.image(partners[(r.qid, cond)])
             b = adapter.prepare([im], [r.question])
             with torch.no_grad():
-                out = adapter.model.generate(**b.inputs, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+                out = adapter.model.generate(
+                    **b.inputs, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id
+                )
             text = tok.decode(out[0, b.seq_len :], skip_special_tokens=True)
             preds[(r.qid, cond)] = parse_answer(text)
     return preds
@@ -72,7 +74,9 @@ def main() -> None:
     fast = {(q, c): bool(p) for q, c, p in zip(df["qid"], df["condition"], df["pred"], strict=True)}
     unparsed = sum(v is None for v in ref.values())
     same = sum(fast[k] == v for k, v in ref.items() if v is not None)
-    print(f"rows: {len(rows)} questions x {len(cfg.conditions)} conditions = {n} predictions ({len(keep)} images)")
+    print(
+        f"rows: {len(rows)} questions x {len(cfg.conditions)} conditions = {n} predictions ({len(keep)} images)"
+    )
     print(f"naive generate loop : {t_naive:8.2f} s  ({n / t_naive:7.1f} pred/s)")
     print(f"flipscope evaluator : {t_fast:8.2f} s  ({n / t_fast:7.1f} pred/s)")
     print(f"speed-up            : {t_naive / t_fast:8.1f}x")

@@ -39,7 +39,9 @@ def main() -> None:
     corrupt = adapter.prepare([Removal("gray").apply(i) for i in imgs], qs)
     cfg = PatchingConfig(site_kind="resid_post", positions="each", max_rows_per_forward=args.max_rows)
     n_var = adapter.n_layers * corrupt.seq_len
-    print(f"{len(originals)} pairs, {adapter.n_layers} layers x {corrupt.seq_len} positions = {n_var} patches per pair")
+    print(
+        f"{len(originals)} pairs, {adapter.n_layers} layers x {corrupt.seq_len} positions = {n_var} patches per pair"
+    )
 
     t0 = time.perf_counter()
     exact = patching_sweep(adapter, clean, corrupt, cfg)
@@ -48,7 +50,12 @@ def main() -> None:
     ref = sweep_reference(adapter, clean, corrupt, cfg)
     t_b = time.perf_counter() - t0
     t0 = time.perf_counter()
-    approx = attribution_patching(adapter, clean, corrupt, PatchingConfig(site_kind="resid_post", positions="each", max_rows_per_forward=64))
+    approx = attribution_patching(
+        adapter,
+        clean,
+        corrupt,
+        PatchingConfig(site_kind="resid_post", positions="each", max_rows_per_forward=64),
+    )
     t_c = time.perf_counter() - t0
 
     same = torch.allclose(exact.patched_margins, ref.patched_margins, atol=1e-4, equal_nan=True)
@@ -56,7 +63,9 @@ def main() -> None:
     agree = agreement(exact, approx)
     print(f"(a) exact, batched      {t_a:8.2f} s  {exact.n_forwards:6d} forwards")
     print(f"(b) exact, per patch    {t_b:8.2f} s  {ref.n_forwards:6d} forwards")
-    print(f"(c) attribution         {t_c:8.2f} s  {approx.n_forwards:6d} forwards + {approx.n_backwards} backwards")
+    print(
+        f"(c) attribution         {t_c:8.2f} s  {approx.n_forwards:6d} forwards + {approx.n_backwards} backwards"
+    )
     print(f"ratio (b)/(a): {t_b / t_a:6.2f}x   identical results: {same} (max |diff| {max_diff:.2e})")
     print(f"ratio (b)/(c): {t_b / t_c:6.2f}x")
     print("agreement of (c) with (a), Spearman per layer:")

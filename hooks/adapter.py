@@ -115,7 +115,7 @@ class VLMAdapter:
 
     def __init__(self, model: nn.Module, processor: Any, config: AdapterConfig | None = None, name: str = ""):
         self.spec: ArchSpec = arch_spec(model)
-        self.model = model
+        self.model: Any = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
@@ -130,9 +130,9 @@ class VLMAdapter:
         self.answer_ids = AnswerIds(yes_ids, no_ids, yes_tok, no_tok, self.config.answer_reduce)
         self.n_layers: int = len(self.get_module(self.spec.text_layers))  # type: ignore[arg-type]
         self.n_vision_layers: int = len(self.get_module(self.spec.vision_layers))  # type: ignore[arg-type]
-        text_cfg = model.config.get_text_config()
-        self.d_model: int = text_cfg.hidden_size
-        self.image_token_id: int = model.config.image_token_id
+        hf_cfg: Any = model.config
+        self.d_model: int = hf_cfg.get_text_config().hidden_size
+        self.image_token_id: int = hf_cfg.image_token_id
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -176,7 +176,7 @@ class VLMAdapter:
             kwargs["device_map"] = device_map
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        model: Any = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
         if device is not None and device_map is None:
             model = model.to(device)
         model.eval()

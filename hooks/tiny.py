@@ -52,10 +52,10 @@ def build_word_tokenizer(
         ]
         specials.append(LLAVA_IMAGE_TOKEN)
     vocab: dict[str, int] = {}
-    for tok in [*specials, *BASE_WORDS, *words]:
-        tok = tok if tok in specials else tok.lower()
-        if tok and tok not in vocab:
-            vocab[tok] = len(vocab)
+    for word in [*specials, *BASE_WORDS, *words]:
+        word = word if word in specials else word.lower()
+        if word and word not in vocab:
+            vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
@@ -140,7 +140,7 @@ def tiny_gemma3(
 
     cfg = cfg or TinyGemma3Config()
     conv = tokenizer.convert_tokens_to_ids
-    config = Gemma3Config(
+    config = Gemma3Config(  # type: ignore[call-arg]
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=cfg.d_model,
@@ -198,7 +198,7 @@ def tiny_llava(
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     conv = tokenizer.convert_tokens_to_ids
-    config = LlavaConfig(
+    config = LlavaConfig(  # type: ignore[call-arg]
         text_config=dict(
             model_type="llama",
             vocab_size=len(tokenizer),

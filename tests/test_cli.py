@@ -12,9 +12,22 @@ from analyses.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_eval_writes_predictions_summary_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_writes_predictions_summary_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
-    argv = ["eval", "--n-images", "2", "--n-boot", "10", "--out", str(out), "--quiet", "--reliance", "margin_shift"]
+    argv = [
+        "eval",
+        "--n-images",
+        "2",
+        "--n-boot",
+        "10",
+        "--out",
+        str(out),
+        "--quiet",
+        "--reliance",
+        "margin_shift",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "flip rate by family" in printed and "register" in printed

@@ -46,7 +46,9 @@ def test_margin_equals_plain_hf_forward(adapter: VLMAdapter, images: list[Image.
 def test_batched_margins_equal_single_rows(adapter: VLMAdapter, images: list[Image.Image]) -> None:
     """Left padding with explicit position ids: a row's margin does not depend on its batch."""
     batched = adapter.margins(adapter.prepare(images, QUESTIONS))
-    single = torch.cat([adapter.margins(adapter.prepare([im], [q])) for im, q in zip(images, QUESTIONS, strict=True)])
+    single = torch.cat(
+        [adapter.margins(adapter.prepare([im], [q])) for im, q in zip(images, QUESTIONS, strict=True)]
+    )
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     assert batched.std() > 0  # rows really differ
 

@@ -25,8 +25,18 @@ from analyses.schema import QuestionRow
 from analyses.synthcxr import BOX_COLUMNS
 
 COLUMNS = [
-    "qid", "image_id", "question", "family", "paraphrase_of", "polarity", "ground_truth", "finding", "split",
-    "image_path", "patient_id", "source",
+    "qid",
+    "image_id",
+    "question",
+    "family",
+    "paraphrase_of",
+    "polarity",
+    "ground_truth",
+    "finding",
+    "split",
+    "image_path",
+    "patient_id",
+    "source",
 ]
 
 
@@ -34,9 +44,17 @@ def _r(  # type: ignore[no-untyped-def]
     qid, image_id, question, family, of, pol, gt, split="test", path=None, finding="cardiomegaly"
 ):
     return {
-        "qid": qid, "image_id": image_id, "question": question, "family": family, "paraphrase_of": of,
-        "polarity": pol, "ground_truth": gt, "finding": finding, "split": split,
-        "image_path": path if path is not None else f"imgs/{image_id}.png", "patient_id": f"p-{image_id}",
+        "qid": qid,
+        "image_id": image_id,
+        "question": question,
+        "family": family,
+        "paraphrase_of": of,
+        "polarity": pol,
+        "ground_truth": gt,
+        "finding": finding,
+        "split": split,
+        "image_path": path if path is not None else f"imgs/{image_id}.png",
+        "patient_id": f"p-{image_id}",
         "source": "0123",
     }
 
@@ -64,14 +82,20 @@ BAD = {
     "pol": (_r("pol", "a", "Is the heart big?", "lexical", "q1", "sideways", "yes"), "invalid polarity"),
     "gt": (_r("gt", "a", "Is the heart big?", "lexical", "q1", "1", "maybe"), "invalid ground truth"),
     "rej": (_r("rej", "a", "Can it be ruled out?", "operator", "q1", "1", "no"), "rejected by QuestionRow"),
-    "incons": (_r("incons", "b", "Is the heart big?", "voice", "q2", "1", "yes"),
-               "ground truth inconsistent with original"),
+    "incons": (
+        _r("incons", "b", "Is the heart big?", "voice", "q2", "1", "yes"),
+        "ground truth inconsistent with original",
+    ),
     "mism": (_r("mism", "b", "Big heart?", "scope", "q1", "1", "yes"), "original mismatch"),
     "notorig": (_r("notorig", "a", "Big heart?", "register", "q1l", "1", "yes"), "not an original"),
-    "conflict": (_r("conflict", "a", "Is there X?", "original", None, "1", "yes", path="imgs/b.png"),
-                 "conflicting image path"),
-    "badsplit": (_r("badsplit", "a", "Is there cardiomegaly?", "original", None, "1", "yes", split="holdout"),
-                 "invalid split"),
+    "conflict": (
+        _r("conflict", "a", "Is there X?", "original", None, "1", "yes", path="imgs/b.png"),
+        "conflicting image path",
+    ),
+    "badsplit": (
+        _r("badsplit", "a", "Is there cardiomegaly?", "original", None, "1", "yes", split="holdout"),
+        "invalid split",
+    ),
 }
 
 
@@ -110,7 +134,12 @@ def test_good_rows_are_parsed(data_dir: Path) -> None:
     assert loaded.skipped == {} and loaded.n_read == len(GOOD)
     by = {r.qid: r for r in loaded.rows}
     assert [by[q].ground_truth for q in ("q1", "q1l", "q1o", "q2", "q2s", "q3")] == [
-        True, True, False, False, False, True
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
     ]
     assert [by[q].polarity for q in ("q1", "q1l", "q1o", "q2", "q2s")] == [1, 1, -1, 1, 1]
     assert by["q2"].family == "original" and by["q1l"].paraphrase_of == "q1"
@@ -217,6 +246,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
 def test_image_for_and_checks_once(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     verify = loaders._verify_image
+
     def counting(path: str) -> str:
         calls.append(path)
         return verify(path)

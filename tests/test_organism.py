@@ -34,7 +34,9 @@ def test_reproduces_model_card_on_fixed_sample(organism) -> None:  # type: ignor
     want = card["fixed_sample"]
     assert got["n_questions"] == want["n_questions"]
     assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.02)
-    torch.testing.assert_close(torch.tensor(got["margins"]), torch.tensor(want["margins"]), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        torch.tensor(got["margins"]), torch.tensor(want["margins"]), atol=1e-3, rtol=1e-3
+    )
 
 
 def test_model_card_shows_the_planted_failures() -> None:

@@ -85,8 +85,9 @@ def test_image_depends_only_on_seed_and_id() -> None:
     """Rendering image k alone, after others, or in a world of another size gives the same bytes."""
     alone = SynthCXRWorld(SynthCXRConfig(n_patients=40, seed=3))
     after = SynthCXRWorld(SynthCXRConfig(n_patients=40, seed=3))
-    bigger = SynthCXRWorld(SynthCXRConfig(n_patients=90, seed=3, train_fraction=0.5, val_fraction=0.25,
-                                          test_fraction=0.25))
+    bigger = SynthCXRWorld(
+        SynthCXRConfig(n_patients=90, seed=3, train_fraction=0.5, val_fraction=0.25, test_fraction=0.25)
+    )
     target = "p00017_0"
     for image_id in after.image_ids()[:17]:
         after.array(image_id)
@@ -240,10 +241,29 @@ def test_question_bank_shape() -> None:
 
 def test_tokenizer_and_vocabulary() -> None:
     assert simple_tokenize("Cardiomegaly: is it present on this film?") == [
-        "cardiomegaly", ":", "is", "it", "present", "on", "this", "film", "?"
+        "cardiomegaly",
+        ":",
+        "is",
+        "it",
+        "present",
+        "on",
+        "this",
+        "film",
+        "?",
     ]
     assert simple_tokenize("In this chest x-ray, the patient's heart") == [
-        "in", "this", "chest", "x", "-", "ray", ",", "the", "patient", "'", "s", "heart"
+        "in",
+        "this",
+        "chest",
+        "x",
+        "-",
+        "ray",
+        ",",
+        "the",
+        "patient",
+        "'",
+        "s",
+        "heart",
     ]
     vocab = vocabulary()
     assert vocab == sorted(set(vocab)) and "?" in vocab and "yes" not in vocab
@@ -276,8 +296,9 @@ def test_rows_structure(world: SynthCXRWorld) -> None:
         else:
             assert r.polarity == 1 and r.ground_truth == label
         assert r.question == templates(r.finding, r.family)[int(r.meta["template"])]
-        assert r.meta["held_out"] == ("1" if int(r.meta["template"]) in held_out_indices(
-            len(templates(r.finding, r.family))) else "0")
+        assert r.meta["held_out"] == (
+            "1" if int(r.meta["template"]) in held_out_indices(len(templates(r.finding, r.family))) else "0"
+        )
         if r.split == "train":
             assert r.meta["held_out"] == "0", r.qid
     assert any(r.meta["held_out"] == "1" for r in rows if r.split != "train")
