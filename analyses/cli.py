@@ -29,6 +29,14 @@ def _cmd_organism_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_organism_sae(args: argparse.Namespace) -> int:
+    from analyses.organism_sae import SAE_DIR, train_organism_sae
+
+    rec = train_organism_sae(SAE_DIR, seed=args.seed)
+    print(f"SAE at {SAE_DIR}: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.2f}")
+    return 0
+
+
 def _load_adapter(model: str):  # type: ignore[no-untyped-def]
     from analyses.organism import MODEL_DIR, load_organism
     from hooks.adapter import VLMAdapter
@@ -122,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--runs", default="runs/model_card")
     card.add_argument("--n-images", type=int, default=0, help="0 = the whole test split")
     card.set_defaults(func=_cmd_organism_card)
+    sae = org.add_parser("sae", help="retrain the organism's shipped SAE (TopK, resid_post(3))")
+    sae.add_argument("--seed", type=int, default=0)
+    sae.set_defaults(func=_cmd_organism_sae)
 
     ev = sub.add_parser("eval", help="paraphrase-sensitivity evaluation (resumable)")
     ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")

@@ -86,3 +86,17 @@ def test_training_is_seeded_and_saves_a_loadable_folder(tmp_path) -> None:  # ty
         OrganismConfig(shortcut_family="slang")
     with pytest.raises(FileNotFoundError, match="flipscope organism train"):
         load_organism(tmp_path / "missing")
+
+
+def test_shipped_sae_loads_and_reconstructs_organism_activations() -> None:
+    """organism/sae: sae-lens folder, typed site resid_post(3), low FVU on held-out (test-split) activations."""
+    from analyses.organism_sae import SAE_DIR, organism_activations
+    from interp import evaluate_sae, load_sae
+
+    sae = load_sae(SAE_DIR)
+    assert sae.site == resid_post(3) and sae.width == 128
+    x = organism_activations(3, n_rows=256, split="test")
+    fvu, l0, _ = evaluate_sae(sae, x)
+    assert fvu < 0.1 and l0 <= 8 + 1e-6
+    report = json.loads((SAE_DIR / "report.json").read_text())
+    assert report["fvu"] < 0.1
