@@ -91,6 +91,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=str(Path(args.out)),
         quiet=False,
         n_boot=200,
+        reliance="margin_shift",  # the organism's image-removed margins sit near 0: signs are coin flips
+        min_margin_shift=1.0,
     )
     return _cmd_eval(ns)
 

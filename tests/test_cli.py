@@ -50,3 +50,9 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     assert json.loads(capsys.readouterr().out)["organism_present"] is True
+
+
+def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--n-images", "2", "--out", str(tmp_path / "demo")]) == 0
+    assert "margin_shift" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "report.html").is_file()
