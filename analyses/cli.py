@@ -37,27 +37,23 @@ def _cmd_organism_sae(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_adapter(model: str):  # type: ignore[no-untyped-def]
-    from analyses.organism import MODEL_DIR, load_organism
-    from hooks.adapter import VLMAdapter
-
-    if model in ("organism", str(MODEL_DIR)):
-        return load_organism()
-    return VLMAdapter.from_pretrained(model)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from analyses.evaluate import EvalConfig, evaluate
+    from analyses.organism import load_model
     from analyses.report import summary_table, write_report
+    from analyses.schema import first_images
 
-    adapter = _load_adapter(args.model)
+    adapter, model_dir = load_model(args.model)
     if args.data == "synthcxr":
         from analyses.organism import organism_rows
 
-        world, rows = organism_rows(args.split)
-        if args.n_images:
-            keep = sorted({r.image_id for r in rows})[: args.n_images]
-            rows = [r for r in rows if r.image_id in set(keep)]
+        if model_dir is None or not (model_dir / "training.json").is_file():
+            raise FileNotFoundError(
+                f"--data synthcxr needs the organism's training.json next to the model ({model_dir}); "
+                "pass --data <PSF-Med-style file> for other models"
+            )
+        world, rows = organism_rows(args.split, model_dir)
+        rows = first_images(rows, args.n_images)
         source: Any = world.image_for
     else:
         from analyses.loaders import load_psf_rows

@@ -15,6 +15,7 @@ import pandas as pd
 from analyses.evaluate import EvalConfig, evaluate
 from analyses.metrics import QuadrantRule, accuracy, flip_rate, summarize, text_only_agreement
 from analyses.organism import MODEL_DIR, load_organism, organism_rows
+from analyses.schema import first_images
 
 CARD_RULE = QuadrantRule(reliance="margin_shift", min_margin_shift=1.0)
 
@@ -29,9 +30,7 @@ def measure(
     """Evaluate ``model_dir`` on the test split of its world; returns every figure the card shows."""
     adapter = load_organism(model_dir)
     world, rows = organism_rows("test", model_dir)
-    if n_images:
-        keep = set(sorted({r.image_id for r in rows})[:n_images])
-        rows = [r for r in rows if r.image_id in keep]
+    rows = first_images(rows, n_images)
     rec = json.loads((Path(model_dir) / "training.json").read_text())
     cfg = EvalConfig(removal=rec["config"]["removal"], batch_size=128, seed=0)
     df = evaluate(adapter, rows, world.image_for, runs, cfg, progress=progress)
@@ -81,8 +80,7 @@ FIXED_SAMPLE_IMAGES = 24
 def fixed_sample_accuracy(adapter: Any, model_dir: Path = MODEL_DIR) -> dict[str, Any]:
     """Accuracy on the original questions of the first test images: a quick reproducibility check."""
     world, rows = organism_rows("test", model_dir)
-    keep = set(sorted({r.image_id for r in rows})[:FIXED_SAMPLE_IMAGES])
-    rows = [r for r in rows if r.image_id in keep and r.family == "original"]
+    rows = [r for r in first_images(rows, FIXED_SAMPLE_IMAGES) if r.family == "original"]
     m = adapter.margins_for([world.image(r.image_id) for r in rows], [r.question for r in rows])
     correct = [(mi > 0) == r.ground_truth for mi, r in zip(m.tolist(), rows, strict=True)]
     return {

@@ -286,8 +286,18 @@ def organism_rows(
     """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on."""
     rec = json.loads((Path(path) / "training.json").read_text())
     world = organism_world(path)
-    findings = set(rec["config"]["findings"])
-    return world, [r for r in world.rows(split) if r.finding in findings]
+    findings = rec["config"].get("findings")  # records older than the `findings` field: all findings
+    return world, [r for r in world.rows(split) if not findings or r.finding in findings]
+
+
+def load_model(model: str) -> tuple[VLMAdapter, Path | None]:
+    """``"organism"``, a local model folder or a hub id -> (adapter, local folder or ``None``)."""
+    if model in ("organism", str(MODEL_DIR)):
+        return load_organism(), MODEL_DIR
+    path = Path(model)
+    if path.exists():
+        return VLMAdapter.from_pretrained(path), path
+    return VLMAdapter.from_pretrained(model), None
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

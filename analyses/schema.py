@@ -88,3 +88,11 @@ class QuestionRow:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def first_images(rows: list[QuestionRow], n: int) -> list[QuestionRow]:
+    """The rows about the first ``n`` image ids in sorted order (``n = 0``: all rows)."""
+    if not n:
+        return list(rows)
+    keep = set(sorted({r.image_id for r in rows})[:n])
+    return [r for r in rows if r.image_id in keep]

@@ -17,6 +17,7 @@ import torch
 
 from analyses.evaluate import EvalConfig, evaluate, swap_partners
 from analyses.organism import load_organism, organism_rows
+from analyses.schema import first_images
 from hooks.inputs import Removal
 
 
@@ -58,8 +59,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     adapter = load_organism()
     world, test = organism_rows("test")
-    keep = set(sorted({r.image_id for r in test})[: args.n_images])
-    rows = [r for r in test if r.image_id in keep]
+    rows = first_images(test, args.n_images)
+    keep = {r.image_id for r in rows}
     cfg = EvalConfig(batch_size=128)
     n = len(rows) * len(cfg.conditions)
 

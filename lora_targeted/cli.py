@@ -13,7 +13,6 @@ PSF-Med-style file. Wire it into the main parser with ``add_lora_parser(subparse
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,33 +29,17 @@ def _parse_layers(text: str) -> list[int]:
         raise ValueError(f"--layers must be comma-separated integers like 2,3 (got {text!r})") from None
 
 
-def _load(model: str) -> tuple[Any, Path | None]:
-    """(adapter, model folder or None for a hub id)."""
-    from analyses.organism import MODEL_DIR, load_organism
-    from hooks.adapter import VLMAdapter
-
-    if model in ("organism", str(MODEL_DIR)):
-        return load_organism(), MODEL_DIR
-    path = Path(model)
-    if path.exists():
-        return VLMAdapter.from_pretrained(path), path
-    return VLMAdapter.from_pretrained(model), None
-
-
 def _data(args: argparse.Namespace, model_dir: Path | None, split: str) -> tuple[list[Any], ImageSource]:
     """(rows of ``split``, image source), optionally limited to the first ``--n-images`` images."""
     if args.data == "synthcxr":
-        from analyses.organism import organism_world
+        from analyses.organism import organism_rows
 
         if model_dir is None or not (model_dir / "training.json").is_file():
             raise FileNotFoundError(
                 f"--data synthcxr needs the organism's training.json next to the model ({model_dir}); "
                 "pass --data <PSF-Med-style file> for other models"
             )
-        world = organism_world(model_dir)
-        # same restriction as analyses.organism.organism_rows: only the findings it was trained on
-        trained_on = json.loads((model_dir / "training.json").read_text())["config"].get("findings")
-        rows = [r for r in world.rows(split) if not trained_on or r.finding in trained_on]
+        world, rows = organism_rows(split, model_dir)
         source: ImageSource = world.image_for
     else:
         from analyses.loaders import load_psf_rows
@@ -64,9 +47,9 @@ def _data(args: argparse.Namespace, model_dir: Path | None, split: str) -> tuple
         loaded = load_psf_rows(args.data)
         rows = [r for r in loaded.rows if r.split == split]
         source = loaded.image_for
-    if args.n_images:
-        keep = set(sorted({r.image_id for r in rows})[: args.n_images])
-        rows = [r for r in rows if r.image_id in keep]
+    from analyses.schema import first_images
+
+    rows = first_images(rows, args.n_images)
     if not rows:
         raise ValueError(f"no rows of split {split!r} in {args.data}")
     return rows, source
@@ -84,7 +67,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.k is not None and not args.scores:
         raise ValueError("--k only applies with --scores")
-    adapter, model_dir = _load(args.model)
+    from analyses.organism import load_model
+
+    adapter, model_dir = load_model(args.model)
     if args.all_layers:
         layers = all_layers(adapter)
     elif args.scores:
@@ -120,10 +105,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from analyses.evaluate import EvalConfig
     from analyses.metrics import QuadrantRule
+    from analyses.organism import load_model
     from lora_targeted.compare import compare
     from lora_targeted.train import load_lora
 
-    base, model_dir = _load(args.model)
+    base, model_dir = load_model(args.model)
     adapters = {"base": base}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
