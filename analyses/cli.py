@@ -47,11 +47,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.data == "synthcxr":
         from analyses.organism import organism_rows
 
-        if model_dir is None or not (model_dir / "training.json").is_file():
-            raise FileNotFoundError(
-                f"--data synthcxr needs the organism's training.json next to the model ({model_dir}); "
-                "pass --data <PSF-Med-style file> for other models"
-            )
         world, rows = organism_rows(args.split, model_dir)
         rows = first_images(rows, args.n_images)
         source: Any = world.image_for

@@ -281,9 +281,17 @@ def organism_world(path: Path | str = MODEL_DIR) -> SynthCXRWorld:
 
 
 def organism_rows(
-    split: str = "test", path: Path | str = MODEL_DIR
+    split: str = "test", path: Path | str | None = MODEL_DIR
 ) -> tuple[SynthCXRWorld, list[QuestionRow]]:
-    """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on."""
+    """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on.
+
+    ``path`` is the model folder (``None``: a hub model, which has no SynthCXR world).
+    """
+    if path is None or not (Path(path) / "training.json").is_file():
+        raise FileNotFoundError(
+            f"--data synthcxr needs the organism's training.json next to the model ({path}); "
+            "pass --data <PSF-Med-style file> for other models"
+        )
     rec = json.loads((Path(path) / "training.json").read_text())
     world = organism_world(path)
     findings = rec["config"].get("findings")  # records older than the `findings` field: all findings

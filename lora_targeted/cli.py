@@ -34,11 +34,6 @@ def _data(args: argparse.Namespace, model_dir: Path | None, split: str) -> tuple
     if args.data == "synthcxr":
         from analyses.organism import organism_rows
 
-        if model_dir is None or not (model_dir / "training.json").is_file():
-            raise FileNotFoundError(
-                f"--data synthcxr needs the organism's training.json next to the model ({model_dir}); "
-                "pass --data <PSF-Med-style file> for other models"
-            )
         world, rows = organism_rows(split, model_dir)
         source: ImageSource = world.image_for
     else:
