@@ -208,14 +208,24 @@ def evaluate(
 
     features: dict[str, torch.Tensor] = {}
 
+    def encode(im: Image.Image) -> torch.Tensor:
+        pv = adapter.processor.image_processor(images=[im], return_tensors="pt")["pixel_values"]
+        return adapter.image_features(pv)[0]
+
     def feats_for(image_id: str) -> torch.Tensor:
         if image_id not in features:
-            im = image_cache[image_id]
-            pv = adapter.processor.image_processor(images=[im], return_tensors="pt")["pixel_values"]
-            features[image_id] = adapter.image_features(pv)[0]
+            features[image_id] = encode(image_cache[image_id])
         return features[image_id]
 
-    removed_feats: dict[int, torch.Tensor] = {}
+    # the removal replacement depends only on the image size: build and encode it once per size
+    removed: dict[tuple[int, int], tuple[Image.Image | None, torch.Tensor | None]] = {}
+
+    def removed_for(own: Image.Image) -> tuple[Image.Image | None, torch.Tensor | None]:
+        if own.size not in removed:
+            rep = removal.apply(own, 0)
+            removed[own.size] = (rep, None if rep is None else encode(rep))
+        return removed[own.size]
+
     buffer: list[str] = []
     n_batches = 0
     bar = tqdm(total=len(work), desc="eval", disable=not progress, unit="q")
@@ -230,15 +240,10 @@ def evaluate(
                 if own is None:
                     continue
                 if cond == "removed":
-                    rep = removal.apply(own, 0)
+                    rep, feat = removed_for(own)
                     batch_imgs.append(rep)
-                    if rep is not None:
-                        if 0 not in removed_feats:
-                            pv = adapter.processor.image_processor(images=[rep], return_tensors="pt")[
-                                "pixel_values"
-                            ]
-                            removed_feats[0] = adapter.image_features(pv)[0]
-                        feat_list.append(removed_feats[0])
+                    if feat is not None:
+                        feat_list.append(feat)
                 else:
                     assert img_id is not None
                     im = get_image(img_id)
