@@ -193,8 +193,13 @@ def tiny_llava(
     image_size: int = 32,
     patch_size: int = 8,
     seed: int = 0,
+    attn_implementation: str = "eager",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised tiny LLaVA (CLIP vision tower + Llama decoder) and its processor."""
+    """A randomly initialised tiny LLaVA (CLIP vision tower + Llama decoder) and its processor.
+
+    Eager attention by default, as :meth:`VLMAdapter.from_pretrained` loads models (materialised
+    masks, readable attention weights); ``"sdpa"`` for tests of code paths that must not rely on it.
+    """
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     conv = tokenizer.convert_tokens_to_ids
@@ -226,6 +231,7 @@ def tiny_llava(
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         pad_token_id=conv("<pad>"),
+        attn_implementation=attn_implementation,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()

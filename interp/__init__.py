@@ -27,6 +27,7 @@ from interp.patching import (
     plan_positions,
     sweep_reference,
 )
+from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
 from interp.scores import LayerScores
 
 __all__ = [
@@ -85,6 +86,8 @@ from interp.sae_attr import (
     top_features,
 )
 from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
+
+__all__ += ["ResumeUnsupported", "StackState", "capture_stack", "resume"]
 
 __all__ += [
     "FeatureAttribution",

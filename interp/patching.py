@@ -9,11 +9,15 @@ gets the clean run's activation at site ``<kind>(L)`` on the positions of c, and
 1 = the patch restores the clean decision, 0 = it does nothing. Pairs whose margins differ by less
 than ``min_gap`` get NaN (the ratio is meaningless there) and are left out of the means.
 
-Batching: variant (L, c, pair) becomes one row of a large batch that repeats corrupted rows; one hook
-per layer overwrites, row by row, only the positions of that row's variant. A sweep therefore costs
-``2 + ceil(layers * positions * pairs / max_rows_per_forward)`` forwards instead of
-``layers * positions`` forwards of the pair batch (:func:`sweep_reference`, the TransformerLens-style
-loop, kept as the reference implementation).
+Batching: variant (L, c, pair) becomes one row of a large batch that repeats corrupted rows.
+``method="resume"`` (the default where the model supports it) starts each row at the patched layer,
+on the positions that can see the patch, from a record of the corrupted run (:mod:`interp.resume`):
+the vision tower, the layers below and the untouched prefix are never recomputed, and variants whose
+patch writes exactly the value already there are not run at all. ``method="stack"`` runs full forwards
+with one hook per layer that overwrites, row by row, only the positions of that row's variant. Either
+way a sweep costs about ``layers * positions * pairs / max_rows_per_forward`` passes instead of the
+``layers * positions`` full forwards of :func:`sweep_reference` (the TransformerLens-style loop, kept
+as the reference implementation).
 
 Position alignment (:func:`align_pairs`): ``image`` tokens map by their index within the image block
 and ``final`` is the last position of each prompt, so these two classes patch across prompts of
@@ -25,6 +29,7 @@ paraphrase with another number of tokens has no token-by-token correspondence, s
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 
 from hooks.batch import Batch
 from hooks.sites import Site
+from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -46,6 +52,7 @@ PATCH_CLASSES: tuple[str, ...] = ("image", "question", "final", "text", "all")
 #: Classes aligned by class membership, which also work for prompts of different lengths.
 ALIGNED_BY_CLASS: tuple[str, ...] = ("image", "final")
 EACH = "each"
+PATCH_METHODS: tuple[str, ...] = ("auto", "resume", "stack")
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,14 @@ class PatchingConfig:
     """Pairs with |m_clean - m_corrupt| below this get NaN recovery."""
     progress: bool = False
     """Show a tqdm bar over the patched forward passes."""
+    method: str = "auto"
+    """``resume``: recompute only the layers from the patched one on and the positions that can see the
+    patch (:mod:`interp.resume`); ``stack``: one full forward per row of stacked variants; ``auto``:
+    ``resume`` where the model supports it, else ``stack``. All give the same margins (to rounding)."""
 
     def __post_init__(self) -> None:
+        if self.method not in PATCH_METHODS:
+            raise ValueError(f"method {self.method!r}: use one of {PATCH_METHODS}")
         if self.site_kind not in PATCH_SITE_KINDS:
             raise ValueError(
                 f"site_kind {self.site_kind!r} cannot be patched per position; use one of {PATCH_SITE_KINDS}"
@@ -325,16 +338,61 @@ def patching_sweep(
     plan = plan_positions(clean, corrupt, config.positions)
     sites = [Site(config.site_kind, layer) for layer in layers]
     clean_acts, m_clean = capture(adapter, clean, sites)
+    meta: dict[str, Any] = {"model": adapter.name, "positions": config.positions}
+    state = None
+    if config.method != "stack":
+        try:
+            state = capture_stack(adapter, corrupt)
+        except ResumeUnsupported as e:
+            if config.method == "resume":
+                raise
+            meta["resume_unsupported"] = str(e)
+    if state is None:
+        patched, m_corrupt, n_forwards = _sweep_stacked(
+            adapter, corrupt, plan, layers, sites, clean_acts, config
+        )
+        meta["method"] = "stack"
+    else:
+        patched, n_forwards, n_skipped = _sweep_resumed(adapter, state, plan, layers, clean_acts, config)
+        m_corrupt = state.margins
+        meta.update(method="resume", skipped_noop=n_skipped)
+    return PatchingResult(
+        config.site_kind,
+        layers,
+        plan.labels,
+        patched,
+        m_clean,
+        m_corrupt,
+        config.min_gap,
+        n_forwards,
+        meta=meta,
+    )
+
+
+def _variants(plan: PositionPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """Variant k = (position column var_p[k], pair var_i[k]); entry_k[e] = the variant of entry e."""
+    valid = plan.valid
+    var_p, var_i = valid.nonzero(as_tuple=True)
+    var_of = torch.full(valid.shape, -1, dtype=torch.long)
+    var_of[var_p, var_i] = torch.arange(len(var_p))
+    return var_p, var_i, var_of[plan.col, plan.pair]
+
+
+def _sweep_stacked(
+    adapter: VLMAdapter,
+    corrupt: Batch,
+    plan: PositionPlan,
+    layers: list[int],
+    sites: list[Site],
+    clean_acts: dict[Site, Tensor],
+    config: PatchingConfig,
+) -> tuple[Tensor, Tensor, int]:
+    """Full forwards of the corrupted rows, variants stacked along the batch, one hook per layer."""
     with torch.no_grad():
         m_corrupt = adapter.margins(corrupt).float().cpu()
     n_forwards = 2
-
-    valid = plan.valid
-    var_p, var_i = valid.nonzero(as_tuple=True)  # variant k = (position var_p[k], pair var_i[k])
+    var_p, var_i, entry_k = _variants(plan)
     n_var = len(var_p)
-    var_of = torch.full(valid.shape, -1, dtype=torch.long)
-    var_of[var_p, var_i] = torch.arange(n_var)
-    entry_k = var_of[plan.col, plan.pair]
     total = len(layers) * n_var
     step = config.max_rows_per_forward
     patched = torch.full((len(layers), len(plan.labels), len(corrupt)), float("nan"))
@@ -354,17 +412,125 @@ def patching_sweep(
             m = adapter.margins(big).float().cpu()
         n_forwards += 1
         patched[li, var_p[k], var_i[k]] = m
-    return PatchingResult(
-        config.site_kind,
-        layers,
-        plan.labels,
-        patched,
-        m_clean,
-        m_corrupt,
-        config.min_gap,
-        n_forwards,
-        meta={"model": adapter.name, "positions": config.positions},
-    )
+    return patched, m_corrupt, n_forwards
+
+
+def _chunks(
+    layer: Tensor, start: Tensor, seq_len: int, size: int, slack: float = 1.25
+) -> list[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` row ranges (rows sorted by ``(layer, start)``) to run as one pass each.
+
+    A range never mixes resume layers and holds at most ``size`` rows; it runs from its smallest
+    start, so it grows only while that costs at most ``slack`` times the positions its rows need.
+    """
+    if not len(layer):
+        return []
+    # runs of equal (layer, start), then a greedy merge over runs (whole runs, or pieces of `size`)
+    change = (layer[1:] != layer[:-1]) | (start[1:] != start[:-1])
+    bounds = [0, *(change.nonzero()[:, 0] + 1).tolist(), len(layer)]
+    out: list[tuple[int, int]] = []
+    lo, need = 0, 0
+    for a, b in itertools.pairwise(bounds):
+        width = seq_len - int(start[a])
+        while a < b:
+            take = min(b - a, size - (a - lo))
+            if a > lo:  # extend the open range, or close it and start a new one here
+                padded = (a + take - lo) * (seq_len - int(start[lo]))
+                if layer[a] != layer[lo] or take <= 0 or padded > slack * (need + take * width):
+                    out.append((lo, a))
+                    lo, need = a, 0
+                    continue
+            need += take * width
+            a += take
+    out.append((lo, len(layer)))
+    return out
+
+
+def _write_fn(rows: Tensor, pos: Tensor, values: Tensor):
+    def fn(x: Tensor) -> Tensor:
+        x = x.clone()
+        x[rows.to(x.device), pos.to(x.device)] = values.to(device=x.device, dtype=x.dtype)
+        return x
+
+    return fn
+
+
+def _sweep_resumed(
+    adapter: VLMAdapter,
+    state: StackState,
+    plan: PositionPlan,
+    layers: list[int],
+    clean_acts: dict[Site, Tensor],
+    config: PatchingConfig,
+) -> tuple[Tensor, int, int]:
+    """Each variant resumed from its layer on the positions that can see its patch.
+
+    Returns patched margins, passes run (2 records + resumed chunks) and no-op variants skipped.
+    """
+    kind = config.site_kind
+    n, t = state.n_layers, state.seq_len
+    var_p, var_i, entry_k = _variants(plan)
+    n_var = len(var_p)
+    patched = torch.full((len(layers), len(plan.labels), plan.n_pairs), float("nan"))
+    if n_var == 0:
+        return patched, 2, 0
+    # Where each variant's suffix starts: the earliest position any of its patched positions reaches.
+    reach = state.suffix_start()[plan.pair, plan.dst]
+    s_var = torch.full((n_var,), t, dtype=torch.long).scatter_reduce(0, entry_k, reach, reduce="amin")
+    rows_l, rows_k, rows_from, rows_s, skipped = [], [], [], [], 0
+    for li, layer in enumerate(layers):
+        site = Site(kind, layer)
+        act = clean_acts[site]
+        src_vals = act[plan.pair.to(act.device), plan.src.to(act.device)]
+        if kind in ("resid_pre", "resid_post"):
+            cur = state.hidden[layer + (kind == "resid_post")]
+            dst_vals = cur[plan.pair.to(cur.device), plan.dst.to(cur.device)]
+            same = (src_vals == dst_vals).all(-1).cpu()
+            noop = torch.ones(n_var, dtype=torch.bool).scatter_reduce(0, entry_k, same, reduce="amin")
+        else:
+            noop = torch.zeros(n_var, dtype=torch.bool)
+        from_layer = layer + 1 if kind == "resid_post" else layer
+        keep = (~noop).nonzero()[:, 0]
+        skipped += int(noop.sum())
+        patched[li, var_p[noop], var_i[noop]] = state.margins[var_i[noop]]
+        rows_l.append(torch.full((len(keep),), li))
+        rows_k.append(keep)
+        rows_from.append(torch.full((len(keep),), from_layer))
+        # Only the final position reaches the unembedding from the last layer's output (resid_post)
+        # or from inside it (attn_out / mlp_out of the last layer: their keys/values are untouched).
+        final_only = from_layer == n or (kind in ("attn_out", "mlp_out") and layer == n - 1)
+        rows_s.append(torch.full((len(keep),), t - 1) if final_only else s_var[keep])
+    all_l, all_k, all_from, all_s = (torch.cat(x) for x in (rows_l, rows_k, rows_from, rows_s))
+    order = torch.argsort(all_from * (t + 1) + all_s, stable=True)
+    all_l, all_k, all_from, all_s = all_l[order], all_k[order], all_from[order], all_s[order]
+    chunks = _chunks(all_from, all_s, t, config.max_rows_per_forward)
+    n_passes = 2
+    for lo, hi in tqdm(chunks, disable=not config.progress, desc="patching"):
+        li_c, k_c = all_l[lo:hi], all_k[lo:hi]
+        from_layer, start = int(all_from[lo]), int(all_s[lo:hi].min())
+        pair_rows = var_i[k_c]
+        hidden = state.hidden[from_layer][pair_rows.to(state.hidden[0].device), start:].clone()
+        # entries of this chunk's variants -> (local row, local position, clean value)
+        local_of = torch.full((len(layers), n_var), -1, dtype=torch.long)
+        local_of[li_c, k_c] = torch.arange(hi - lo)
+        e_rows, e_pos, e_vals = [], [], []
+        for li in li_c.unique().tolist():
+            loc = local_of[li, entry_k]
+            sel = (loc >= 0) & (plan.dst >= start)  # entries before ``start`` cannot reach the margin
+            act = clean_acts[Site(kind, layers[li])]
+            e_rows.append(loc[sel])
+            e_pos.append(plan.dst[sel] - start)
+            e_vals.append(act[plan.pair[sel].to(act.device), plan.src[sel].to(act.device)])
+        er, pos, values = torch.cat(e_rows), torch.cat(e_pos), torch.cat(e_vals)
+        if kind in ("resid_pre", "resid_post"):
+            hidden[er.to(hidden.device), pos.to(hidden.device)] = values.to(hidden)
+            m = resume(adapter, state, pair_rows, start, from_layer, hidden)
+        else:  # the patch sits inside layer ``from_layer``: write it from a hook on the site
+            with adapter.hooks({Site(kind, from_layer): _write_fn(er, pos, values)}):
+                m = resume(adapter, state, pair_rows, start, from_layer, hidden)
+        n_passes += 1
+        patched[li_c, var_p[k_c], var_i[k_c]] = m
+    return patched, n_passes, skipped
 
 
 # ---------------------------------------------------------------------- reference

@@ -177,20 +177,26 @@ def test_patching_last_layer_restores_clean(adapter: VLMAdapter) -> None:
     torch.testing.assert_close(res.patched_margins[0, 0], adapter.margins(clean6).float(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["resid_post", "attn_out", "mlp_out"])
-def test_batched_sweep_equals_reference(adapter: VLMAdapter, kind: str) -> None:
+@pytest.mark.parametrize("method", ["stack", "resume"])
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
+def test_batched_sweep_equals_reference(adapter: VLMAdapter, kind: str, method: str) -> None:
     clean, corrupt = image_pairs(adapter)
     cfg = PatchingConfig(
-        site_kind=kind, positions=("image", "question", "final", "text"), max_rows_per_forward=7
+        site_kind=kind,
+        positions=("image", "question", "final", "text"),
+        max_rows_per_forward=7,
+        method=method,
     )
     fast, ref = patching_sweep(adapter, clean, corrupt, cfg), sweep_reference(adapter, clean, corrupt, cfg)
+    assert fast.meta["method"] == method
     assert fast.patched_margins.shape == (adapter.n_layers, 4, 3)
     torch.testing.assert_close(fast.patched_margins, ref.patched_margins, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.recovery, ref.recovery, atol=1e-4, rtol=1e-4)
-    assert (
-        fast.n_forwards == 2 + -(-adapter.n_layers * 4 * 3 // 7) < ref.n_forwards == 2 + adapter.n_layers * 4
-    )
-    assert not torch.allclose(fast.recovery[0, 0], torch.zeros(())) and not fast.recovery.isnan().any()
+    if method == "stack":
+        n_stack = 2 + -(-adapter.n_layers * 4 * 3 // 7)
+        assert fast.n_forwards == n_stack < ref.n_forwards == 2 + adapter.n_layers * 4
+    assert not fast.recovery.isnan().any()
+    assert not torch.allclose(fast.recovery[0 if kind != "resid_pre" else 1, 0], torch.zeros(()))
 
 
 def test_each_position_sweep_equals_reference(adapter: VLMAdapter) -> None:
