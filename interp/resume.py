@@ -195,8 +195,8 @@ def capture_stack(adapter: VLMAdapter, batch: Batch, image_features: Tensor | No
         with torch.no_grad():
             m_model = adapter.margins(batch, image_features=image_features).float().cpu()
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
     args0, kw0 = calls[0]
     h0 = args0[0] if args0 else kw0.pop("hidden_states")
     layer_kwargs = []
