@@ -319,14 +319,7 @@ def capture(
 
 
 def _patch_fn(rows: Tensor, dst: Tensor, src_pair: Tensor, src: Tensor, clean_act: Tensor):
-    values = clean_act[src_pair.to(clean_act.device), src.to(clean_act.device)]
-
-    def fn(x: Tensor) -> Tensor:
-        x = x.clone()
-        x[rows.to(x.device), dst.to(x.device)] = values.to(device=x.device, dtype=x.dtype)
-        return x
-
-    return fn
+    return _write_fn(rows, dst, clean_act[src_pair.to(clean_act.device), src.to(clean_act.device)])
 
 
 def patching_sweep(

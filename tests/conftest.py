@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,19 @@ WORDS = ["is", "there", "cardiomegaly", "an", "enlarged", "heart", "effusion", "
 IMAGE_SIZES = {"gemma3": 64, "llava": 32}
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models run faster on one thread, and on the shared 2-core machine two intra-op threads made
+    backward passes about 10x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_adapter(arch: str, seed: int = 0) -> VLMAdapter:

@@ -3,7 +3,6 @@ scores, figures."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +47,7 @@ Q4B = "Is there effusion?"  # 4 tokens: a same-length "paraphrase"
 Q6 = "Is there an enlarged heart?"  # 6 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and much faster when the two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def size(adapter: VLMAdapter) -> int:

@@ -58,13 +58,7 @@ def _tiny(seed: int = 1) -> VLMAdapter:
     return VLMAdapter(model, proc, AdapterConfig(expected_image_size=64), name="tiny-lora")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Backward passes on a shared 2-core machine: 2 intra-op threads were ~10x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

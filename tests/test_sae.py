@@ -4,7 +4,6 @@ feature attribution, feature patching and clamping. Offline: SAEs are written to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,7 @@ WIDTH = 32
 DEAD, ALIVE = 0, 1  # feature 0 never fires, feature 1 always does
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gemma_scope_params(d: int, seed: int = 0) -> dict[str, Tensor]:
