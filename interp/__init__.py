@@ -1,6 +1,7 @@
 """Interpretability primitives: activation cache, activation / attribution patching, logit lens,
 attention in box, per-layer scores and figures. Everything takes a :class:`hooks.VLMAdapter`."""
 
+from interp.align import Alignment, align_pairs, plan_positions
 from interp.attention import (
     BoxOverlap,
     attention_grid,
@@ -17,16 +18,7 @@ from interp.attribution import agreement, attribution_patching, rankdata, spearm
 from interp.cache import ActivationCache, cache_activations
 from interp.figures import attention_overlay, bootstrap_ci, patching_heatmap, recovery_line
 from interp.lens import LensResult, logit_lens
-from interp.patching import (
-    Alignment,
-    PatchingConfig,
-    PatchingResult,
-    align_pairs,
-    patch_one,
-    patching_sweep,
-    plan_positions,
-    sweep_reference,
-)
+from interp.patching import PatchingConfig, PatchingResult, patch_one, patching_sweep, sweep_reference
 from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
 from interp.scores import LayerScores
 

@@ -1,6 +1,6 @@
 """Attribution patching: the first-order (gradient) estimate of every activation-patching effect.
 
-For site ``<kind>(L)`` and the positions P of a class (aligned as in :func:`interp.patching.align_pairs`):
+For site ``<kind>(L)`` and the positions P of a class (aligned as in :func:`interp.align.align_pairs`):
 
     m_patched - m_corrupt  ~=  sum_{p in P} sum_d (a_clean[p] - a_corrupt[p]) * d m_corrupt / d a[p]
 
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from hooks.batch import Batch
 from hooks.sites import Site
-from interp.patching import PatchingConfig, PatchingResult, capture, plan_positions
+from interp.align import plan_positions
+from interp.patching import PatchingConfig, PatchingResult, capture
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter

@@ -19,7 +19,7 @@ way a sweep costs about ``layers * positions * pairs / max_rows_per_forward`` pa
 ``layers * positions`` full forwards of :func:`sweep_reference` (the TransformerLens-style loop, kept
 as the reference implementation).
 
-Position alignment (:func:`align_pairs`): ``image`` tokens map by their index within the image block
+Position alignment (:func:`interp.align.align_pairs`): ``image`` tokens map by their index within the image block
 and ``final`` is the last position of each prompt, so these two classes patch across prompts of
 different lengths. ``question``, ``text``, ``all`` and ``each`` (every single position) map position
 by position (offset from the end of the prompt) and need the same token layout in both runs: a
@@ -29,29 +29,33 @@ paraphrase with another number of tokens has no token-by-token correspondence, s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooks.batch import Batch
 from hooks.sites import Site
+from interp.align import (
+    EACH,
+    PATCH_CLASSES,
+    PositionPlan,
+    _check_pairs,
+    plan_positions,
+)
 from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
 
 PATCH_SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-PATCH_CLASSES: tuple[str, ...] = ("image", "question", "final", "text", "all")
-#: Classes aligned by class membership, which also work for prompts of different lengths.
-ALIGNED_BY_CLASS: tuple[str, ...] = ("image", "final")
-EACH = "each"
 PATCH_METHODS: tuple[str, ...] = ("auto", "resume", "stack")
 
 
@@ -72,6 +76,9 @@ class PatchingConfig:
     """Pairs with |m_clean - m_corrupt| below this get NaN recovery."""
     progress: bool = False
     """Show a tqdm bar over the patched forward passes."""
+    pair_block: int | None = None
+    """Pairs swept at once (``None``: all). The resumed sweep records every layer's hidden states and
+    keys/values of the corrupted runs it holds; on a large model, blocks of pairs bound that memory."""
     method: str = "auto"
     """``resume``: recompute only the layers from the patched one on and the positions that can see the
     patch (:mod:`interp.resume`); ``stack``: one full forward per row of stacked variants; ``auto``:
@@ -105,6 +112,8 @@ class PatchingConfig:
                     f"layers {self.layers!r} must be a non-empty list of distinct ints (or None = all)"
                 )
             object.__setattr__(self, "layers", layers)
+        if self.pair_block is not None and self.pair_block < 1:
+            raise ValueError(f"pair_block must be >= 1 or None, got {self.pair_block}")
         if self.max_rows_per_forward < 1:
             raise ValueError(f"max_rows_per_forward must be >= 1, got {self.max_rows_per_forward}")
         if self.min_gap < 0:
@@ -191,115 +200,6 @@ def _nanmean(x: Tensor) -> Tensor:
     return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
 
 
-# ---------------------------------------------------------------------- alignment
-class Alignment(NamedTuple):
-    """Matching positions of one pair: ``clean[k]`` in the clean row patches ``corrupt[k]``."""
-
-    clean: Int[Tensor, " n"]
-    corrupt: Int[Tensor, " n"]
-
-
-def _check_pairs(clean: Batch, corrupt: Batch) -> None:
-    if len(clean) != len(corrupt):
-        raise ValueError(f"clean has {len(clean)} rows but corrupt has {len(corrupt)}: pair them row by row")
-
-
-def align_pairs(clean: Batch, corrupt: Batch, position: str) -> list[Alignment]:
-    """For each pair, which clean positions patch which corrupted positions for class ``position``.
-
-    ``final``: the last position of both. ``image``: the k-th image token of one run to the k-th of
-    the other (both runs need the same number of image tokens; both without -> empty). Other classes
-    (``question``, ``text``, ``all``): position by position, which needs the same layout in both runs
-    (the class sits at the same offsets from the end of the prompt); otherwise ``ValueError``.
-    """
-    _check_pairs(clean, corrupt)
-    if position not in PATCH_CLASSES:
-        raise ValueError(f"unknown position class {position!r}; choose one of {PATCH_CLASSES}")
-    lk, lc = clean.seq_len, corrupt.seq_len
-    out = []
-    for i in range(len(corrupt)):
-        if position == "final":
-            out.append(Alignment(torch.tensor([lk - 1]), torch.tensor([lc - 1])))
-            continue
-        src = clean.position_mask(position)[i].nonzero()[:, 0]  # type: ignore[arg-type]
-        dst = corrupt.position_mask(position)[i].nonzero()[:, 0]  # type: ignore[arg-type]
-        if position == "image":
-            if len(src) != len(dst):
-                raise ValueError(
-                    f"pair {i}: the clean run has {len(src)} image tokens and the corrupted run {len(dst)}; "
-                    "image tokens can only be patched between runs that both have the image block (use a "
-                    "gray/white/noise removal instead of 'none', or patch 'final' only)"
-                )
-        elif len(src) != len(dst) or not torch.equal(src - lk, dst - lc):
-            raise ValueError(
-                f"position class {position!r} cannot be patched for pair {i}: the clean prompt has "
-                f"{len(src)} such tokens and the corrupted one {len(dst)} (or they sit at other offsets). "
-                "Position-by-position patching needs the same token layout in both runs; a paraphrase of "
-                "another length has no token correspondence. Patch ('image', 'final'), which align by class, "
-                "or use pairs whose questions have the same number of tokens."
-            )
-        out.append(Alignment(src, dst))
-    return out
-
-
-@dataclass
-class PositionPlan:
-    """Every (position column, pair, corrupted position, clean position) entry of a sweep."""
-
-    labels: list[str]
-    n_pairs: int
-    col: Int[Tensor, " entry"]
-    pair: Int[Tensor, " entry"]
-    dst: Int[Tensor, " entry"]
-    """Position in the corrupted batch."""
-    src: Int[Tensor, " entry"]
-    """Position in the clean batch."""
-
-    @property
-    def valid(self) -> Bool[Tensor, "position pair"]:
-        """Variants that have at least one position to patch."""
-        v = torch.zeros(len(self.labels), self.n_pairs, dtype=torch.bool)
-        v[self.col, self.pair] = True
-        return v
-
-    def subset(self, rows: Sequence[int]) -> PositionPlan:
-        """The entries of pairs ``rows``, renumbered 0..len(rows)-1 in that order."""
-        remap = torch.full((self.n_pairs,), -1, dtype=torch.long)
-        remap[torch.as_tensor(list(rows), dtype=torch.long)] = torch.arange(len(rows))
-        new = remap[self.pair]
-        keep = new >= 0
-        return PositionPlan(self.labels, len(rows), self.col[keep], new[keep], self.dst[keep], self.src[keep])
-
-
-def plan_positions(clean: Batch, corrupt: Batch, positions: tuple[str, ...] | str) -> PositionPlan:
-    """All patch entries for ``positions`` (classes, or ``"each"``), aligned per :func:`align_pairs`."""
-    _check_pairs(clean, corrupt)
-    n = len(corrupt)
-    lk, lc = clean.seq_len, corrupt.seq_len
-    if positions == EACH:
-        len_k, len_c = clean.attention_mask.sum(-1), corrupt.attention_mask.sum(-1)
-        if not torch.equal(len_k, len_c):
-            bad = (len_k != len_c).nonzero()[:, 0].tolist()
-            raise ValueError(
-                f"positions='each' needs prompts of the same token length in each pair; pairs {bad} differ "
-                f"(clean {len_k[bad].tolist()} vs corrupt {len_c[bad].tolist()} tokens). Use position "
-                "classes ('image', 'final') for pairs of different lengths."
-            )
-        pair, dst = corrupt.attention_mask.nonzero(as_tuple=True)
-        labels = [str(j - lc) for j in range(lc)]
-        return PositionPlan(labels, n, dst.clone(), pair, dst, dst - lc + lk)
-    cols, pairs, dsts, srcs = [], [], [], []
-    for p, cls in enumerate(positions):
-        for i, al in enumerate(align_pairs(clean, corrupt, cls)):
-            k = len(al.clean)
-            cols.append(torch.full((k,), p))
-            pairs.append(torch.full((k,), i))
-            dsts.append(al.corrupt)
-            srcs.append(al.clean)
-    cat = lambda xs: torch.cat(xs).long() if xs else torch.zeros(0, dtype=torch.long)
-    return PositionPlan(list(positions), n, cat(cols), cat(pairs), cat(dsts), cat(srcs))
-
-
 # ---------------------------------------------------------------------- forwards
 def capture(
     adapter: VLMAdapter, batch: Batch, sites: Sequence[Site]
@@ -327,6 +227,18 @@ def patching_sweep(
 ) -> PatchingResult:
     """Batched activation patching over ``config.layers`` x ``config.positions`` for every pair."""
     config = config or PatchingConfig()
+    if config.pair_block is not None and len(corrupt) > config.pair_block:
+        _check_pairs(clean, corrupt)
+        one = dataclasses.replace(config, pair_block=None)
+        blocks = [
+            list(range(i, min(i + config.pair_block, len(corrupt))))
+            for i in range(0, len(corrupt), config.pair_block)
+        ]
+        parts = [
+            patching_sweep(adapter, clean.select(b), corrupt.select(b), one)
+            for b in tqdm(blocks, disable=not config.progress, desc="pair blocks")
+        ]
+        return _concat_pairs(parts)
     layers = config.resolve_layers(adapter.n_layers)
     plan = plan_positions(clean, corrupt, config.positions)
     sites = [Site(config.site_kind, layer) for layer in layers]
@@ -358,6 +270,26 @@ def patching_sweep(
         m_corrupt,
         config.min_gap,
         n_forwards,
+        meta=meta,
+    )
+
+
+def _concat_pairs(parts: list[PatchingResult]) -> PatchingResult:
+    """Results of consecutive blocks of pairs as one result."""
+    first = parts[0]
+    meta = dict(first.meta)
+    if "skipped_noop" in meta:
+        meta["skipped_noop"] = sum(p.meta.get("skipped_noop", 0) for p in parts)
+    meta["pair_blocks"] = len(parts)
+    return PatchingResult(
+        first.site_kind,
+        first.layers,
+        first.positions,
+        torch.cat([p.patched_margins for p in parts], dim=-1),
+        torch.cat([p.clean_margins for p in parts]),
+        torch.cat([p.corrupt_margins for p in parts]),
+        first.min_gap,
+        sum(p.n_forwards for p in parts),
         meta=meta,
     )
 

@@ -161,3 +161,18 @@ def test_chunks_never_mix_layers_and_bound_waste() -> None:
         (4, 8),
         (8, 10),
     ]
+
+
+def test_pair_blocks_give_the_same_sweep(adapter: VLMAdapter) -> None:
+    imgs = random_images(3, adapter.config.expected_image_size or 64, seed=5)
+    qs = [Q, "Is there effusion?", "Is there an enlarged heart?"]
+    clean = adapter.prepare(imgs, qs)
+    corrupt = adapter.prepare(adapter.removed(imgs, Removal("gray")), qs)
+    cfg = PatchingConfig(positions=("image", "question", "final"))
+    whole = patching_sweep(adapter, clean, corrupt, cfg)
+    blocks = patching_sweep(adapter, clean, corrupt, PatchingConfig(positions=cfg.positions, pair_block=2))
+    assert blocks.meta["pair_blocks"] == 2 and blocks.positions == whole.positions
+    torch.testing.assert_close(blocks.patched_margins, whole.patched_margins, atol=1e-5, rtol=0)
+    torch.testing.assert_close(blocks.corrupt_margins, whole.corrupt_margins, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pair_block must be >= 1"):
+        PatchingConfig(pair_block=0)
