@@ -219,7 +219,8 @@ def capture_stack(adapter: VLMAdapter, batch: Batch, image_features: Tensor | No
         raise ResumeUnsupported(
             f"only layers {sorted(rec.recorded)} of {n} stored keys/values through past_key_values.update"
         )
-    if not torch.allclose(margins, m_model, atol=1e-4, rtol=1e-4):
+    tol = 1e-4 if h0.dtype == torch.float32 else 2e-2  # bf16/fp16 margins carry ~3 significant digits
+    if not torch.allclose(margins, m_model, atol=tol, rtol=tol):
         raise ResumeUnsupported(
             f"re-running the text stack layer by layer does not reproduce the model's margins "
             f"(max |diff| {(margins - m_model).abs().max().item():.2e}); this architecture is not supported"
