@@ -31,7 +31,8 @@ class Alignment(NamedTuple):
     corrupt: Int[Tensor, " n"]
 
 
-def _check_pairs(clean: Batch, corrupt: Batch) -> None:
+def check_pairs(clean: Batch, corrupt: Batch) -> None:
+    """Row i of ``clean`` pairs with row i of ``corrupt``: both need the same number of rows."""
     if len(clean) != len(corrupt):
         raise ValueError(f"clean has {len(clean)} rows but corrupt has {len(corrupt)}: pair them row by row")
 
@@ -44,7 +45,7 @@ def align_pairs(clean: Batch, corrupt: Batch, position: str) -> list[Alignment]:
     (``question``, ``text``, ``all``): position by position, which needs the same layout in both runs
     (the class sits at the same offsets from the end of the prompt); otherwise ``ValueError``.
     """
-    _check_pairs(clean, corrupt)
+    check_pairs(clean, corrupt)
     if position not in PATCH_CLASSES:
         raise ValueError(f"unknown position class {position!r}; choose one of {PATCH_CLASSES}")
     lk, lc = clean.seq_len, corrupt.seq_len
@@ -105,7 +106,7 @@ class PositionPlan:
 
 def plan_positions(clean: Batch, corrupt: Batch, positions: tuple[str, ...] | str) -> PositionPlan:
     """All patch entries for ``positions`` (classes, or ``"each"``), aligned per :func:`align_pairs`."""
-    _check_pairs(clean, corrupt)
+    check_pairs(clean, corrupt)
     n = len(corrupt)
     lk, lc = clean.seq_len, corrupt.seq_len
     if positions == EACH:

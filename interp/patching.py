@@ -47,7 +47,7 @@ from interp.align import (
     EACH,
     PATCH_CLASSES,
     PositionPlan,
-    _check_pairs,
+    check_pairs,
     plan_positions,
 )
 from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
@@ -218,17 +218,13 @@ def capture(
     return acts, m.float().cpu()
 
 
-def _patch_fn(rows: Tensor, dst: Tensor, src_pair: Tensor, src: Tensor, clean_act: Tensor):
-    return _write_fn(rows, dst, clean_act[src_pair.to(clean_act.device), src.to(clean_act.device)])
-
-
 def patching_sweep(
     adapter: VLMAdapter, clean: Batch, corrupt: Batch, config: PatchingConfig | None = None
 ) -> PatchingResult:
     """Batched activation patching over ``config.layers`` x ``config.positions`` for every pair."""
     config = config or PatchingConfig()
     if config.pair_block is not None and len(corrupt) > config.pair_block:
-        _check_pairs(clean, corrupt)
+        check_pairs(clean, corrupt)
         one = dataclasses.replace(config, pair_block=None)
         blocks = [
             list(range(i, min(i + config.pair_block, len(corrupt))))
@@ -330,8 +326,9 @@ def _sweep_stacked(
             ks = k[li == l_idx]
             sel = (entry_k >= ks.min()) & (entry_k <= ks.max())
             local = l_idx * n_var + entry_k[sel] - start
-            fns[sites[l_idx]] = _patch_fn(
-                local, plan.dst[sel], plan.pair[sel], plan.src[sel], clean_acts[sites[l_idx]]
+            act = clean_acts[sites[l_idx]]
+            fns[sites[l_idx]] = _write_fn(
+                local, plan.dst[sel], act[plan.pair[sel].to(act.device), plan.src[sel].to(act.device)]
             )
         with torch.no_grad(), adapter.hooks(fns):
             m = adapter.margins(big).float().cpu()
@@ -404,10 +401,9 @@ def _sweep_resumed(
     s_var = torch.full((n_var,), t, dtype=torch.long).scatter_reduce(0, entry_k, reach, reduce="amin")
     rows_l, rows_k, rows_from, rows_s, skipped = [], [], [], [], 0
     for li, layer in enumerate(layers):
-        site = Site(kind, layer)
-        act = clean_acts[site]
-        src_vals = act[plan.pair.to(act.device), plan.src.to(act.device)]
         if kind in ("resid_pre", "resid_post"):
+            act = clean_acts[Site(kind, layer)]
+            src_vals = act[plan.pair.to(act.device), plan.src.to(act.device)]
             cur = state.hidden[layer + (kind == "resid_post")]
             dst_vals = cur[plan.pair.to(cur.device), plan.dst.to(cur.device)]
             same = (src_vals == dst_vals).all(-1).cpu()
@@ -429,24 +425,29 @@ def _sweep_resumed(
     order = torch.argsort(all_from * (t + 1) + all_s, stable=True)
     all_l, all_k, all_from, all_s = all_l[order], all_k[order], all_from[order], all_s[order]
     chunks = _chunks(all_from, all_s, t, config.max_rows_per_forward)
+    # the entries of variant k are by_variant[first[k] : first[k] + count[k]]
+    by_variant = torch.argsort(entry_k, stable=True)
+    count = torch.bincount(entry_k, minlength=n_var)
+    first = torch.cumsum(count, 0) - count
     n_passes = 2
     for lo, hi in tqdm(chunks, disable=not config.progress, desc="patching"):
         li_c, k_c = all_l[lo:hi], all_k[lo:hi]
         from_layer, start = int(all_from[lo]), int(all_s[lo:hi].min())
         pair_rows = var_i[k_c]
         hidden = state.hidden[from_layer][pair_rows.to(state.hidden[0].device), start:].clone()
-        # entries of this chunk's variants -> (local row, local position, clean value)
-        local_of = torch.full((len(layers), n_var), -1, dtype=torch.long)
-        local_of[li_c, k_c] = torch.arange(hi - lo)
-        e_rows, e_pos, e_vals = [], [], []
+        # this chunk's entries: (local row, local position, clean value)
+        n_e = count[k_c]
+        row_e = torch.repeat_interleave(torch.arange(hi - lo), n_e)
+        within = torch.arange(int(n_e.sum())) - torch.repeat_interleave(torch.cumsum(n_e, 0) - n_e, n_e)
+        e = by_variant[first[k_c][row_e] + within]
+        keep_e = plan.dst[e] >= start  # entries before ``start`` cannot reach the margin
+        row_e, e = row_e[keep_e], e[keep_e]
+        values = hidden.new_empty(len(e), hidden.shape[-1])
         for li in li_c.unique().tolist():
-            loc = local_of[li, entry_k]
-            sel = (loc >= 0) & (plan.dst >= start)  # entries before ``start`` cannot reach the margin
+            sel = li_c[row_e] == li
             act = clean_acts[Site(kind, layers[li])]
-            e_rows.append(loc[sel])
-            e_pos.append(plan.dst[sel] - start)
-            e_vals.append(act[plan.pair[sel].to(act.device), plan.src[sel].to(act.device)])
-        er, pos, values = torch.cat(e_rows), torch.cat(e_pos), torch.cat(e_vals)
+            values[sel] = act[plan.pair[e[sel]].to(act.device), plan.src[e[sel]].to(act.device)].to(values)
+        er, pos = row_e, plan.dst[e] - start
         if kind in ("resid_pre", "resid_post"):
             hidden[er.to(hidden.device), pos.to(hidden.device)] = values.to(hidden)
             m = resume(adapter, state, pair_rows, start, from_layer, hidden)
@@ -473,7 +474,7 @@ def patch_one(
     One forward per call (plus one to read ``clean_act`` if it is not given). Both batches must have
     the same layout (same sequence length; the mask addresses the same positions in both).
     """
-    _check_pairs(clean, corrupt)
+    check_pairs(clean, corrupt)
     if clean.seq_len != corrupt.seq_len or position_mask.shape != corrupt.image_mask.shape:
         raise ValueError(
             f"patch_one needs batches of the same layout: clean {tuple(clean.image_mask.shape)}, corrupt "

@@ -38,8 +38,8 @@ class ResumeUnsupported(RuntimeError):
     """This model's text layers cannot be resumed on a suffix (unknown call signature or no mask)."""
 
 
-# Keyword arguments a text layer may receive, and how a (rows, suffix) slice cuts them.
-_SEQ_KWARGS = ("position_ids", "cache_position")
+# Keyword arguments a text layer may receive: sliced (see _slice_kwargs) or passed through as they are.
+_SLICED_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache_position")
 _PASS_KWARGS = ("use_cache", "output_attentions", "past_key_values")
 
 
@@ -58,7 +58,7 @@ class StackState:
     allowed: Bool[Tensor, "batch query key"]
     """Query may attend key in at least one layer (union of the layers' masks)."""
     margins: Float[Tensor, " batch"]
-    """Margins of the recorded run, recomputed from ``hidden[N]`` (equal to the model's)."""
+    """The model's own margins on the recorded batch (the layer-by-layer replay reproduced them)."""
 
     @property
     def n_layers(self) -> int:
@@ -151,7 +151,7 @@ def _slice_kwargs(
             out[name] = tuple(cut(t) for t in v)
         elif name == "cache_position" and isinstance(v, Tensor):
             out[name] = v[start:stop]
-        elif name in _SEQ_KWARGS and isinstance(v, Tensor):
+        elif name == "position_ids" and isinstance(v, Tensor):
             out[name] = cut(v)
         else:
             out[name] = v
@@ -159,7 +159,7 @@ def _slice_kwargs(
 
 
 def _check_kwargs(layer: int, kwargs: dict[str, Any]) -> None:
-    known = {"attention_mask", "position_embeddings", *_SEQ_KWARGS, *_PASS_KWARGS}
+    known = {*_SLICED_KWARGS, *_PASS_KWARGS}
     odd = [k for k, v in kwargs.items() if k not in known and isinstance(v, Tensor | tuple | list | dict)]
     if odd:
         raise ResumeUnsupported(
