@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 DEFAULT_RUNS = Path("runs")
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
-    from analyses.organism import MODEL_DIR, OrganismConfig, train_organism
+    from analyses.organism.model import MODEL_DIR
+    from analyses.organism.train import OrganismConfig, train_organism
 
     cfg = OrganismConfig(seed=args.seed, steps=args.steps)
     out = Path(args.out) if args.out else MODEL_DIR
@@ -22,7 +22,7 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_organism_card(args: argparse.Namespace) -> int:
-    from analyses.modelcard import write_model_card
+    from analyses.organism.card import write_model_card
 
     path = write_model_card(Path(args.model), Path(args.runs), n_images=args.n_images)
     print(f"wrote {path}")
@@ -30,7 +30,7 @@ def _cmd_organism_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_organism_sae(args: argparse.Namespace) -> int:
-    from analyses.organism_sae import SAE_DIR, train_organism_sae
+    from analyses.organism.sae import SAE_DIR, train_organism_sae
 
     rec = train_organism_sae(SAE_DIR, seed=args.seed)
     print(f"SAE at {SAE_DIR}: FVU {rec['fvu']:.3f}, L0 {rec['l0']:.2f}")
@@ -38,30 +38,21 @@ def _cmd_organism_sae(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from analyses.evaluate import EvalConfig, evaluate
-    from analyses.organism import load_model
-    from analyses.report import summary_table, write_report
-    from analyses.schema import first_images
+    from analyses.data.resolve import check_n_images, check_split, resolve_data, resolve_model
+    from analyses.eval.evaluate import EvalConfig, evaluate
+    from analyses.eval.quadrants import QuadrantRule
+    from analyses.eval.report import summary_table, write_report
 
-    adapter, model_dir = load_model(args.model)
-    if args.data == "synthcxr":
-        from analyses.organism import organism_rows
-
-        world, rows = organism_rows(args.split, model_dir)
-        rows = first_images(rows, args.n_images)
-        source: Any = world.image_for
-    else:
-        from analyses.loaders import load_psf_rows
-
-        loaded = load_psf_rows(args.data)
-        print(loaded.report())
-        rows, source = loaded.rows, loaded.image_for
-    from analyses.metrics import QuadrantRule
-
+    check_split(args.split)  # every argument is checked before the model loads
+    check_n_images(args.n_images)
     cfg = EvalConfig(removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
+    adapter, model_dir = resolve_model(args.model)
+    data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root)
+    if data.report:
+        print(data.report)
     out = Path(args.out)
-    df = evaluate(adapter, rows, source, out, cfg, progress=not args.quiet)
+    df = evaluate(adapter, data.rows, data.images, out, cfg, progress=not args.quiet)
     print(summary_table(df, n_boot=args.n_boot, seed=args.seed, rule=rule))
     report = write_report(
         df, out, title=f"flipscope eval: {args.model}", n_boot=args.n_boot, seed=args.seed, rule=rule
@@ -74,6 +65,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         model="organism",
         data="synthcxr",
+        image_root=None,
         split="test",
         n_images=args.n_images,
         removal="gray",
@@ -92,7 +84,7 @@ def _cmd_info(_args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from analyses.organism import MODEL_DIR
+    from analyses.organism.model import MODEL_DIR
 
     info = {
         "torch": torch.__version__,
@@ -131,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
     ev.add_argument(
         "--data", default="synthcxr", help="'synthcxr' or a PSF-Med-style file (jsonl/csv/parquet)"
+    )
+    ev.add_argument(
+        "--image-root", default=None, help="folder image paths are relative to (default: the file's)"
     )
     ev.add_argument("--split", default="test")
     ev.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")

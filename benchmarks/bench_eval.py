@@ -2,7 +2,7 @@
 
 naive: one `model.generate` call per (question, condition), the answer parsed from the decoded text
        (what a first script usually does);
-flipscope: `analyses.evaluate.evaluate`: batched margins, each image encoded once and reused.
+flipscope: `analyses.eval.evaluate.evaluate`: batched margins, each image encoded once and reused.
 
     python benchmarks/bench_eval.py --n-images 12
 """
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from analyses.evaluate import EvalConfig, evaluate, swap_partners
-from analyses.organism import load_organism, organism_rows
-from analyses.schema import first_images
+from analyses.data.schema import first_images
+from analyses.eval.evaluate import EvalConfig, evaluate, swap_partners
+from analyses.organism.model import load_organism, organism_rows
 from hooks.inputs import Removal
 
 

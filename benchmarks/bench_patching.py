@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from analyses.organism import load_organism, organism_rows
+from analyses.organism.model import load_organism, organism_rows
 from hooks.inputs import Removal
 from interp import (
     PatchingConfig,

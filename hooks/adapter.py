@@ -6,21 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from PIL import Image
 from torch import Tensor, nn
 
+from hooks.answer import AnswerIds, AnswerReduce, find_answer_ids
 from hooks.batch import Batch, build_batch
 from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, load_image
 from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec
 from hooks.trace import SiteTrace
 
-AnswerReduce = Literal["max", "sum", "logsumexp"]
 HookFn = Callable[[Tensor], Tensor | None]
 
 
@@ -52,57 +52,6 @@ class AdapterConfig:
             raise ValueError("yes_words and no_words must be non-empty")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class AnswerIds:
-    """The token ids the margin reads, recorded with every result."""
-
-    yes_ids: tuple[int, ...]
-    no_ids: tuple[int, ...]
-    yes_tokens: tuple[str, ...]
-    no_tokens: tuple[str, ...]
-    reduce: AnswerReduce = "max"
-
-    def margin(self, logits: Float[Tensor, "*batch vocab"]) -> Float[Tensor, " *batch"]:
-        """logit(yes) - logit(no), each reduced over its ids."""
-        yes, no = logits[..., list(self.yes_ids)].float(), logits[..., list(self.no_ids)].float()
-        if self.reduce == "max":
-            return yes.max(-1).values - no.max(-1).values
-        if self.reduce == "sum":
-            return yes.sum(-1) - no.sum(-1)
-        return yes.logsumexp(-1) - no.logsumexp(-1)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
-
-
-def find_answer_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Ids of the words in ``words`` that the tokenizer encodes as exactly one (non-unknown) token."""
-    ids: dict[int, str] = {}
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for w in words:
-        enc = tokenizer.encode(w, add_special_tokens=False)
-        if len(enc) == 1 and enc[0] != unk:
-            ids.setdefault(enc[0], tokenizer.convert_ids_to_tokens(enc[0]))
-    if not ids:
-        raise ValueError(
-            f"none of {list(words)} is a single token of this tokenizer; set AdapterConfig words"
-        )
-    return tuple(ids), tuple(ids.values())
-
-
-@dataclass
-class MarginResult:
-    """Margins of one batch, with what produced them."""
-
-    margin: Float[Tensor, " batch"]
-    answer_ids: AnswerIds
-    conditions: list[str] = field(default_factory=list)
-
-    @property
-    def pred(self) -> Tensor:
-        return self.margin > 0
 
 
 class VLMAdapter:
@@ -243,6 +192,18 @@ class VLMAdapter:
             out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
         feats = out.pooler_output
         return torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
+
+    def encode_images(self, images: Sequence[ImageLike]) -> Float[Tensor, "n tokens d_model"]:
+        """Projected features of each image: the processor's pixels through the vision tower and projector,
+        in eval mode and without gradients (what :class:`hooks.features.ImageFeatureCache` stores)."""
+        pil = [load_image(im) for im in images]
+        pixel_values = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.image_features(pixel_values).detach()
+        finally:
+            self.model.train(was_training)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -60,6 +60,39 @@ class Removal:
         return Image.fromarray(arr, mode="L").convert(like.mode)
 
 
+@dataclass(frozen=True)
+class Box:
+    """A finding's bounding box on one image (VinDr-CXR convention), in pixels of that image.
+
+    The fields are the columns of a VinDr-CXR box table, in order; ``x_max`` / ``y_max`` are exclusive
+    (``x_min <= x < x_max``). Coordinates may be fractional (VinDr annotations are). The one box type:
+    SynthCXR renders them, :func:`analyses.data.boxes.boxes_for` reads them from tables, and
+    :func:`interp.attention.attention_in_box` scores attention against them.
+    """
+
+    image_id: str
+    """Image the box belongs to."""
+    class_name: str
+    """Finding (flipscope key such as ``pleural_effusion``, or the dataset's class name)."""
+    x_min: float
+    """Left edge (inclusive)."""
+    y_min: float
+    """Top edge (inclusive)."""
+    x_max: float
+    """Right edge (exclusive)."""
+    y_max: float
+    """Bottom edge (exclusive)."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.x_min < self.x_max and 0 <= self.y_min < self.y_max):
+            raise ValueError(f"Box {self}: need 0 <= x_min < x_max and 0 <= y_min < y_max (max exclusive)")
+
+    @property
+    def coords(self) -> tuple[float, float, float, float]:
+        """``(x_min, y_min, x_max, y_max)``."""
+        return (self.x_min, self.y_min, self.x_max, self.y_max)
+
+
 def load_image(image: ImageLike) -> Image.Image:
     """An RGB PIL image from a PIL image, a uint8 array (H, W) or (H, W, 3), or a file path."""
     if isinstance(image, str | Path):

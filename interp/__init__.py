@@ -1,105 +1,144 @@
 """Interpretability primitives: activation cache, activation / attribution patching, logit lens,
-attention in box, per-layer scores and figures. Everything takes a :class:`hooks.VLMAdapter`."""
+attention in box, per-layer scores, SAE features and figures. Everything takes a :class:`hooks.adapter.VLMAdapter`.
 
-from interp.align import Alignment, align_pairs, plan_positions
-from interp.attention import (
-    BoxOverlap,
-    attention_grid,
-    attention_in_box,
-    attention_maps,
-    box_coverage_precision,
-    box_mask,
-    eager_attention,
-    final_attention_to_image,
-    threshold_map,
-    upsample,
-)
-from interp.attribution import agreement, attribution_patching, rankdata, spearman
-from interp.cache import ActivationCache, cache_activations
-from interp.figures import attention_overlay, bootstrap_ci, patching_heatmap, recovery_line
-from interp.lens import LensResult, logit_lens
-from interp.patching import PatchingConfig, PatchingResult, patch_one, patching_sweep, sweep_reference
-from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
-from interp.scores import LayerScores
+Names are imported lazily (PEP 562): ``from interp import patching_sweep`` loads only
+``interp.patching`` and what it needs, so analysis code never pays for plotly or sae-lens unless it
+uses figures or SAEs. Each public name lives in exactly one submodule, listed in :data:`EXPORTS`.
+"""
 
-__all__ = [
-    "ActivationCache",
-    "Alignment",
-    "BoxOverlap",
-    "LayerScores",
-    "LensResult",
-    "PatchingConfig",
-    "PatchingResult",
-    "agreement",
-    "align_pairs",
-    "attention_grid",
-    "attention_in_box",
-    "attention_maps",
-    "attention_overlay",
-    "attribution_patching",
-    "bootstrap_ci",
-    "box_coverage_precision",
-    "box_mask",
-    "cache_activations",
-    "eager_attention",
-    "final_attention_to_image",
-    "logit_lens",
-    "patch_one",
-    "patching_heatmap",
-    "patching_sweep",
-    "plan_positions",
-    "rankdata",
-    "recovery_line",
-    "spearman",
-    "sweep_reference",
-    "threshold_map",
-    "upsample",
-]
+from __future__ import annotations
 
-# SAE features: loading (sae-lens objects), attribution, patching, clamping, training (sae-lens imported lazily)
-from interp.sae import (
-    FeatureRef,
-    LoadedSAE,
-    gemma_scope_2_disk_loader,
-    load_sae,
-    load_sae_from_hub,
-    save_sae,
-    site_from_hook_name,
-)
-from interp.sae_attr import (
-    FeatureAttribution,
-    FeaturePatch,
-    FlipRateChange,
-    clamp_features,
-    clamping,
-    feature_attribution,
-    feature_patch,
-    flip_rate_change,
-    top_features,
-)
-from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ += ["ResumeUnsupported", "StackState", "capture_stack", "resume"]
+#: Public name -> submodule of ``interp`` that defines it.
+EXPORTS: dict[str, str] = {
+    # interp.cache
+    "ActivationCache": "cache",
+    "cache_activations": "cache",
+    # interp.patching
+    "PatchingConfig": "patching",
+    "PatchingResult": "patching",
+    "patch_one": "patching",
+    "patching_sweep": "patching",
+    "sweep_reference": "patching",
+    # interp.stack
+    "ResumeUnsupported": "stack",
+    "StackState": "stack",
+    "capture_stack": "stack",
+    "resume": "stack",
+    # interp.align
+    "Alignment": "align",
+    "align_pairs": "align",
+    "plan_positions": "align",
+    # interp.attribution
+    "agreement": "attribution",
+    "attribution_patching": "attribution",
+    "rankdata": "attribution",
+    "spearman": "attribution",
+    # interp.lens
+    "LensResult": "lens",
+    "logit_lens": "lens",
+    # interp.attention
+    "BoxOverlap": "attention",
+    "attention_grid": "attention",
+    "attention_in_box": "attention",
+    "attention_maps": "attention",
+    "box_coverage_precision": "attention",
+    "box_mask": "attention",
+    "eager_attention": "attention",
+    "final_attention_to_image": "attention",
+    "threshold_map": "attention",
+    "upsample": "attention",
+    # interp.scores
+    "LayerScores": "scores",
+    # interp.figures
+    "attention_overlay": "figures",
+    "patching_heatmap": "figures",
+    "recovery_line": "figures",
+    # interp.stats
+    "mean_bootstrap": "stats",
+    "ratio_bootstrap": "stats",
+    # interp.sae
+    "FeatureRef": "sae",
+    "LoadedSAE": "sae",
+    "gemma_scope_2_disk_loader": "sae",
+    "load_sae": "sae",
+    "load_sae_from_hub": "sae",
+    "save_sae": "sae",
+    "site_from_hook_name": "sae",
+    # interp.sae_attr
+    "FeatureAttribution": "sae_attr",
+    "FeaturePatch": "sae_attr",
+    "FlipRateChange": "sae_attr",
+    "clamp_features": "sae_attr",
+    "clamping": "sae_attr",
+    "feature_attribution": "sae_attr",
+    "feature_patch": "sae_attr",
+    "flip_rate_change": "sae_attr",
+    "top_features": "sae_attr",
+    # interp.sae_train
+    "SAETrainConfig": "sae_train",
+    "SAETrainReport": "sae_train",
+    "evaluate_sae": "sae_train",
+    "train_sae": "sae_train",
+}
+__all__ = sorted(EXPORTS)
 
-__all__ += [
-    "FeatureAttribution",
-    "FeaturePatch",
-    "FeatureRef",
-    "FlipRateChange",
-    "LoadedSAE",
-    "SAETrainConfig",
-    "SAETrainReport",
-    "clamp_features",
-    "clamping",
-    "evaluate_sae",
-    "feature_attribution",
-    "feature_patch",
-    "flip_rate_change",
-    "gemma_scope_2_disk_loader",
-    "load_sae",
-    "load_sae_from_hub",
-    "save_sae",
-    "site_from_hook_name",
-    "top_features",
-    "train_sae",
-]
+
+def __getattr__(name: str) -> Any:
+    module = EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"interp.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *EXPORTS})
+
+
+if TYPE_CHECKING:
+    from interp.align import Alignment, align_pairs, plan_positions
+    from interp.attention import (
+        BoxOverlap,
+        attention_grid,
+        attention_in_box,
+        attention_maps,
+        box_coverage_precision,
+        box_mask,
+        eager_attention,
+        final_attention_to_image,
+        threshold_map,
+        upsample,
+    )
+    from interp.attribution import agreement, attribution_patching, rankdata, spearman
+    from interp.cache import ActivationCache, cache_activations
+    from interp.figures import attention_overlay, patching_heatmap, recovery_line
+    from interp.lens import LensResult, logit_lens
+    from interp.patching import PatchingConfig, PatchingResult, patch_one, patching_sweep, sweep_reference
+    from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
+    from interp.sae import (
+        FeatureRef,
+        LoadedSAE,
+        gemma_scope_2_disk_loader,
+        load_sae,
+        load_sae_from_hub,
+        save_sae,
+        site_from_hook_name,
+    )
+    from interp.sae_attr import (
+        FeatureAttribution,
+        FeaturePatch,
+        FlipRateChange,
+        clamp_features,
+        clamping,
+        feature_attribution,
+        feature_patch,
+        flip_rate_change,
+        top_features,
+    )
+    from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
+    from interp.scores import LayerScores
+    from interp.stats import mean_bootstrap, ratio_bootstrap

@@ -1,6 +1,6 @@
 """Attention from the answer (final) position to the image tokens, and how much of it falls in a box.
 
-Pipeline (DESIGN.md, "Attention in box"):
+Pipeline (``docs/metrics.md``, "Attention in box"):
 
 1. attention weights of the final position over the image tokens, averaged over chosen layers and
    heads (read from the text attention modules; eager attention is switched on for the forward pass
@@ -15,8 +15,8 @@ Pipeline (DESIGN.md, "Attention in box"):
    with nearest upsampling A can be larger than 10% of the image).
 
 With B the box, coverage = |A and B| / |B| and precision = |A and B| / |A|.
-Boxes are ``(x_min, y_min, x_max, y_max)`` in pixels of an image of ``image_size`` (height, width);
-a pixel (x, y) is inside when its centre (x + 0.5, y + 0.5) is, so an integer box is half-open.
+Boxes are :class:`hooks.inputs.Box` in pixels of an image of ``image_size`` (height, width); a pixel
+(x, y) is inside when its centre (x + 0.5, y + 0.5) is, so an integer box is half-open.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooks.batch import Batch
+from hooks.inputs import Box
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
 
-Box = tuple[float, float, float, float]
 Upsample = Literal["nearest", "bilinear"]
 
 
@@ -152,10 +152,8 @@ def threshold_map(attn_map: Float[Tensor, "H W"], quantile: float = 0.9) -> Bool
 
 
 def box_mask(box: Box, image_size: int | tuple[int, int]) -> Bool[Tensor, "H W"]:
-    """Pixels whose centre lies inside ``box = (x_min, y_min, x_max, y_max)``."""
-    x0, y0, x1, y1 = box
-    if x1 < x0 or y1 < y0:
-        raise ValueError(f"box {box} has max < min; write it as (x_min, y_min, x_max, y_max)")
+    """Pixels whose centre lies inside ``box``."""
+    x0, y0, x1, y1 = box.coords
     h, w = _hw(image_size)
     ys = torch.arange(h, dtype=torch.float64)[:, None] + 0.5
     xs = torch.arange(w, dtype=torch.float64)[None, :] + 0.5

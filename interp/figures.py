@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,8 +11,10 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from interp.attention import Box, upsample
+from hooks.inputs import Box
+from interp.attention import upsample
 from interp.patching import PatchingResult
+from interp.stats import mean_bootstrap
 
 
 def patching_heatmap(
@@ -52,26 +53,6 @@ def patching_heatmap(
     return fig
 
 
-def bootstrap_ci(
-    values: Float[Tensor, "layer pair"], n_boot: int = 1000, ci: float = 0.95, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over pairs and a percentile bootstrap interval (pairs resampled; NaN pairs ignored)."""
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    v = torch.as_tensor(values).float().numpy()
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers give NaN, not a warning
-        mean = np.nanmean(v, axis=1)
-        boots = np.nanmean(v[:, idx], axis=2)  # (layer, n_boot)
-        lo = np.nanquantile(boots, (1 - ci) / 2, axis=1)
-        hi = np.nanquantile(boots, 1 - (1 - ci) / 2, axis=1)
-    return mean, lo, hi
-
-
 def recovery_line(
     result: PatchingResult,
     positions: str | Sequence[str] | None = None,
@@ -80,7 +61,8 @@ def recovery_line(
     seed: int = 0,
     title: str | None = None,
 ) -> go.Figure:
-    """Per-layer mean recovery with a bootstrap band (over pairs), one line per position class."""
+    """Per-layer mean recovery with a bootstrap band (pairs resampled, :func:`interp.stats.mean_bootstrap`),
+    one line per position class."""
     chosen = [positions] if isinstance(positions, str) else list(positions or result.positions)
     missing = [p for p in chosen if p not in result.positions]
     if missing:
@@ -88,7 +70,8 @@ def recovery_line(
     fig = go.Figure()
     for p in chosen:
         j = result.positions.index(p)
-        mean, lo, hi = bootstrap_ci(result.recovery_per_pair[:, j], n_boot, ci, seed)
+        values = torch.as_tensor(result.recovery_per_pair[:, j]).float().numpy()
+        mean, lo, hi = mean_bootstrap(values, n_boot, seed, ci)
         fig.add_trace(
             go.Scatter(
                 x=result.layers,
@@ -157,7 +140,7 @@ def attention_overlay(
         )
     )
     if box is not None:
-        x0, y0, x1, y1 = box
+        x0, y0, x1, y1 = box.coords
         fig.add_trace(
             go.Scatter(
                 x=[x0, x1, x1, x0, x0],

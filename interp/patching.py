@@ -11,7 +11,7 @@ than ``min_gap`` get NaN (the ratio is meaningless there) and are left out of th
 
 Batching: variant (L, c, pair) becomes one row of a large batch that repeats corrupted rows.
 ``method="resume"`` (the default where the model supports it) starts each row at the patched layer,
-on the positions that can see the patch, from a record of the corrupted run (:mod:`interp.resume`):
+on the positions that can see the patch, from a record of the corrupted run (:mod:`interp.stack`):
 the vision tower, the layers below and the untouched prefix are never recomputed, and variants whose
 patch writes exactly the value already there are not run at all. ``method="stack"`` runs full forwards
 with one hook per layer that overwrites, row by row, only the positions of that row's variant. Either
@@ -50,7 +50,7 @@ from interp.align import (
     check_pairs,
     plan_positions,
 )
-from interp.resume import ResumeUnsupported, StackState, capture_stack, resume
+from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -81,7 +81,7 @@ class PatchingConfig:
     keys/values of the corrupted runs it holds; on a large model, blocks of pairs bound that memory."""
     method: str = "auto"
     """``resume``: recompute only the layers from the patched one on and the positions that can see the
-    patch (:mod:`interp.resume`); ``stack``: one full forward per row of stacked variants; ``auto``:
+    patch (:mod:`interp.stack`); ``stack``: one full forward per row of stacked variants; ``auto``:
     ``resume`` where the model supports it, else ``stack``. All give the same margins (to rounding)."""
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """SAE feature attribution, patching and clamping at one site (the SAE is a :class:`LoadedSAE`).
 
-Definitions (DESIGN.md): feature patching ``x_patched = x_para - sum_i (f_para[i] - f_orig[i]) W_dec[i]``,
+Definitions (``docs/metrics.md``, "SAE features"): feature patching ``x_patched = x_para - sum_i (f_para[i] - f_orig[i]) W_dec[i]``,
 margin recovery = share of the margin shift undone; clamping ``x - f[i] W_dec[i]`` on every input.
 """
 
@@ -378,7 +378,7 @@ def feature_patch(
     include_error: bool = False,
     min_gap: float = 1e-4,
 ) -> FeaturePatch:
-    """Undo the change of ``features`` in each paraphrase run (DESIGN.md):
+    """Undo the change of ``features`` in each paraphrase run (``docs/metrics.md``):
 
     ``x_patched = x_para - sum_i (f_para[i] - f_orig[i]) * W_dec[i]`` at the SAE's site and ``position``
     (``- (err_para - err_orig)`` as well with ``include_error``; all features + error gives ``x_orig``).

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from analyses.evaluate import ImageSource
+    from analyses.data.schema import ImageSource
 
 DEFAULT_OUT = Path("runs") / "lora"
 
@@ -30,24 +30,11 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def _data(args: argparse.Namespace, model_dir: Path | None, split: str) -> tuple[list[Any], ImageSource]:
-    """(rows of ``split``, image source), optionally limited to the first ``--n-images`` images."""
-    if args.data == "synthcxr":
-        from analyses.organism import organism_rows
+    """(rows of ``split``, image source), through the one ``--data`` resolver."""
+    from analyses.data.resolve import resolve_data
 
-        world, rows = organism_rows(split, model_dir)
-        source: ImageSource = world.image_for
-    else:
-        from analyses.loaders import load_psf_rows
-
-        loaded = load_psf_rows(args.data)
-        rows = [r for r in loaded.rows if r.split == split]
-        source = loaded.image_for
-    from analyses.schema import first_images
-
-    rows = first_images(rows, args.n_images)
-    if not rows:
-        raise ValueError(f"no rows of split {split!r} in {args.data}")
-    return rows, source
+    data = resolve_data(args.data, split, args.n_images, model_dir)
+    return data.rows, data.images
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -62,9 +49,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.k is not None and not args.scores:
         raise ValueError("--k only applies with --scores")
-    from analyses.organism import load_model
 
-    adapter, model_dir = load_model(args.model)
+    from analyses.data.resolve import resolve_model
+
+    adapter, model_dir = resolve_model(args.model)
     if args.all_layers:
         layers = all_layers(adapter)
     elif args.scores:
@@ -98,13 +86,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from analyses.evaluate import EvalConfig
-    from analyses.metrics import QuadrantRule
-    from analyses.organism import load_model
+    from analyses.data.resolve import resolve_model
+    from analyses.eval.evaluate import EvalConfig
+    from analyses.eval.quadrants import QuadrantRule
     from lora_targeted.compare import compare
     from lora_targeted.train import load_lora
 
-    base, model_dir = load_model(args.model)
+    base, model_dir = resolve_model(args.model)
     adapters = {"base": base}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")

@@ -1,6 +1,6 @@
 """Before/after comparison of adapters (base, targeted LoRA, all-layers LoRA) on the same rows.
 
-Each adapter is run through the evaluator (:func:`analyses.evaluate.evaluate`, one sub-folder per
+Each adapter is run through the evaluator (:func:`analyses.eval.evaluate.evaluate`, one sub-folder per
 adapter, resumable) and summarised in one row: flip rate, flip rate on one paraphrase family,
 text-only agreement, label-controlled swap sensitivity, accuracy, the four quadrant counts, and how
 many samples moved *into* Dangerous relative to the base (a fix that makes the model consistent by
@@ -19,19 +19,16 @@ from typing import Any
 
 import pandas as pd
 
-from analyses.evaluate import EvalConfig, ImageSource, evaluate
-from analyses.metrics import (
-    QUADRANTS,
-    QuadrantRule,
+from analyses.data.schema import PARAPHRASE_FAMILIES, ImageSource, QuestionRow
+from analyses.eval.evaluate import EvalConfig, evaluate
+from analyses.eval.metrics import (
     accuracy,
     flip_rate,
-    migration,
     pairwise_flip_rate,
-    quadrants,
     swap_sensitivity,
     text_only_agreement,
 )
-from analyses.schema import PARAPHRASE_FAMILIES, QuestionRow
+from analyses.eval.quadrants import QUADRANTS, QuadrantRule, migration, quadrants
 from hooks.adapter import VLMAdapter
 
 #: Rate columns (fractions in [0, 1]) of :attr:`Comparison.table`, in order.

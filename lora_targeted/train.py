@@ -4,7 +4,7 @@ A training example is a *cluster*: an original question on one image, some of it
 paraphrases (same image) and optionally an answer-inverting operator variant. Per step the loss is
 
 - **task**: cross-entropy on the first answer token ("yes"/"no", full-vocabulary log-softmax, the
-  organism's :func:`~analyses.organism.answer_loss`) over every question of the cluster, operator
+  :func:`hooks.answer.answer_loss` the organism is trained with) over every question of the cluster, operator
   variants included (their ground truth is already inverted);
 - **consistency**: symmetric KL between the yes/no distributions p = sigmoid(margin) of the original
   and of each of its paraphrases. For two Bernoullis it is (p_a - p_b) * (m_a - m_b) with m the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,13 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.schema import OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
+from analyses.data.schema import OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, ImageSource, QuestionRow
 from hooks.adapter import VLMAdapter
-from hooks.inputs import REMOVALS, Removal, load_image
+from hooks.answer import answer_loss
+from hooks.features import ImageFeatureCache
+from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
 from lora_targeted.targets import DEFAULT_MODULES, lora_config, select_layers, trainable_fraction
 
-ImageSource = Callable[[QuestionRow | str], Image.Image]
 #: Files written next to the peft adapter.
 CONFIG_FILE, LOG_FILE = "train_config.json", "train_log.jsonl"
 
@@ -62,7 +63,7 @@ class LoraTrainConfig:
     """Weight of the image-reliance hinge on the original question (0 = off, no extra rows)."""
     reliance_margin: float = 2.0
     """Hinge target in logits: |margin(image) - margin(removed)| below this is penalised."""
-    removal: str = "gray"
+    removal: RemovalKind = "gray"
     """Image removal for the reliance term: gray, white, noise or none."""
     paraphrases_per_cluster: int = 3
     """Paraphrases drawn per cluster per step (all if the cluster has fewer; 0 = all)."""
@@ -179,13 +180,14 @@ def sample_clusters(
     return out
 
 
-class FeatureCache:
-    """Projected image features per image id (the vision tower and projector are frozen)."""
+class ClusterImages:
+    """The images of the training clusters and their projected features (vision tower and projector are
+    frozen, so features are computed once per image: :class:`hooks.features.ImageFeatureCache`)."""
 
-    def __init__(self, adapter: VLMAdapter, images: ImageSource, removal: str, max_size: int = 8192):
-        self.adapter, self.images, self.max_size = adapter, images, max_size
-        self.removal = Removal(removal)  # type: ignore[arg-type]
-        self._feats: dict[str, Tensor] = {}
+    def __init__(self, adapter: VLMAdapter, images: ImageSource, removal: RemovalKind, max_size: int = 8192):
+        self.images, self.max_size = images, max_size
+        self.removal = Removal(removal)
+        self.features = ImageFeatureCache(adapter, max_size)
         self._pil: dict[str, Image.Image] = {}
 
     def pil(self, image_id: str) -> Image.Image:
@@ -198,34 +200,21 @@ class FeatureCache:
     def removed_pil(self, image_id: str) -> Image.Image | None:
         return self.removal.apply(self.pil(image_id), 0)
 
-    def features(self, key: str, image: Image.Image) -> Tensor:
-        if key not in self._feats:
-            if len(self._feats) >= self.max_size:
-                self._feats.pop(next(iter(self._feats)))
-            model, was_training = self.adapter.model, self.adapter.model.training
-            model.eval()
-            pv = self.adapter.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-            self._feats[key] = self.adapter.image_features(pv)[0].detach()
-            model.train(was_training)
-        return self._feats[key]
-
 
 def cluster_losses(
-    adapter: VLMAdapter, clusters: Sequence[Cluster], cache: FeatureCache, cfg: LoraTrainConfig
+    adapter: VLMAdapter, clusters: Sequence[Cluster], cache: ClusterImages, cfg: LoraTrainConfig
 ) -> dict[str, Tensor]:
     """Task, consistency and reliance losses (and their weighted ``loss``) of one batch of clusters.
 
     Differentiable w.r.t. whatever parameters of ``adapter.model`` require grad.
     """
-    from analyses.organism import answer_loss
-
     rows: list[QuestionRow] = []
     pil: list[Image.Image | None] = []
     feats: list[Tensor] = []
     orig_pos, para_pairs, removed_pos = [], [], []
     for c in clusters:
         image = cache.pil(c.image_id)
-        f = cache.features(c.image_id, image)
+        f = cache.features.get(c.image_id, image)
         orig_pos.append(len(rows))
         for r in (c.original, *c.paraphrases, *c.operators):
             if r.family in PARAPHRASE_FAMILIES:
@@ -242,13 +231,14 @@ def cluster_losses(
             questions.append(c.original.question)
             pil.append(rep)
             if rep is not None:
-                feats.append(cache.features(f"removed:{cfg.removal}", rep))
+                feats.append(cache.features.get(f"removed:{cfg.removal}", rep))
     batch = adapter.prepare(pil, questions)
     logits = adapter.logits(batch, image_features=torch.stack(feats) if feats else None)[:, -1]
     margin = adapter.answer_ids.margin(logits)
     dev = logits.device
     targets = torch.tensor([r.ground_truth for r in rows], device=dev)
-    task = answer_loss(adapter, logits[:n_task], targets, torch.zeros(n_task, dtype=torch.bool, device=dev))
+    no_uniform = torch.zeros(n_task, dtype=torch.bool, device=dev)
+    task = answer_loss(adapter.answer_ids, logits[:n_task], targets, no_uniform)
     zero = torch.zeros((), device=dev)
     if para_pairs:
         a = torch.tensor([i for i, _ in para_pairs], device=dev)
@@ -375,7 +365,7 @@ def train_lora(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable, total, _ = trainable_fraction(peft_model)
     rng = np.random.default_rng(cfg.seed)
-    cache = FeatureCache(lora, images, cfg.removal)
+    cache = ClusterImages(lora, images, cfg.removal)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)

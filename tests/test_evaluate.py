@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.evaluate import EvalConfig, evaluate, read_predictions, swap_partners
-from analyses.metrics import summarize, validate_predictions
-from analyses.questions import vocabulary
-from analyses.synthcxr import SynthCXRConfig, SynthCXRWorld
+from analyses.data.questions import vocabulary
+from analyses.eval.evaluate import EvalConfig, evaluate, swap_partners
+from analyses.eval.metrics import validate_predictions
+from analyses.eval.predictions import read_predictions
+from analyses.eval.summary import summarize
+from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import AdapterConfig, VLMAdapter
 from hooks.inputs import Removal
 from hooks.tiny import build_word_tokenizer, tiny_gemma3

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooks.adapter import VLMAdapter
 from hooks.batch import Batch
-from hooks.inputs import Removal
+from hooks.inputs import Box, Removal
 from hooks.sites import Site, attn_out, final_norm, mlp_out, resid_post, resid_pre, vision_resid
 from interp import (
     ActivationCache,
@@ -26,7 +26,6 @@ from interp import (
     attention_maps,
     attention_overlay,
     attribution_patching,
-    bootstrap_ci,
     box_coverage_precision,
     cache_activations,
     final_attention_to_image,
@@ -40,6 +39,7 @@ from interp import (
     sweep_reference,
 )
 from interp.patching import capture
+from interp.stats import mean_bootstrap
 from tests.conftest import random_images
 
 Q4 = "Is there cardiomegaly?"  # 4 tokens
@@ -334,23 +334,30 @@ def test_logit_lens_last_layer_is_the_margin(adapter: VLMAdapter) -> None:
 
 
 # ---------------------------------------------------------------------- attention
+def _box(x0: float, y0: float, x1: float, y1: float) -> Box:
+    return Box("img", "finding", x0, y0, x1, y1)
+
+
 def test_box_coverage_precision_by_hand() -> None:
     grid = torch.arange(16.0).reshape(4, 4)  # 90th percentile = 13.5: A = {14, 15} = row 3, cols 2-3
-    assert box_coverage_precision(grid, (2, 2, 4, 4), 4) == pytest.approx((0.5, 1.0))  # |B| = 4, |A&B| = 2
-    assert box_coverage_precision(grid, (0, 0, 2, 2), 4) == pytest.approx((0.0, 0.0))
-    assert box_coverage_precision(grid, (0, 0, 4, 4), 4) == pytest.approx((2 / 16, 1.0))
-    assert box_coverage_precision(grid, (0, 3, 3, 4), 4) == pytest.approx(
+    assert box_coverage_precision(grid, _box(2, 2, 4, 4), 4) == pytest.approx(
+        (0.5, 1.0)
+    )  # |B| = 4, |A&B| = 2
+    assert box_coverage_precision(grid, _box(0, 0, 2, 2), 4) == pytest.approx((0.0, 0.0))
+    assert box_coverage_precision(grid, _box(0, 0, 4, 4), 4) == pytest.approx((2 / 16, 1.0))
+    assert box_coverage_precision(grid, _box(0, 3, 3, 4), 4) == pytest.approx(
         (1 / 3, 0.5)
     )  # bottom row, cols 0-2
     # the same map upsampled (nearest) to 8x8 and the box in 8x8 pixels: same numbers
-    assert box_coverage_precision(grid, (4, 4, 8, 8), 8) == pytest.approx((0.5, 1.0))
-    assert box_coverage_precision(grid, (0, 6, 6, 8), 8) == pytest.approx((1 / 3, 0.5))
+    assert box_coverage_precision(grid, _box(4, 4, 8, 8), 8) == pytest.approx((0.5, 1.0))
+    assert box_coverage_precision(grid, _box(0, 6, 6, 8), 8) == pytest.approx((1 / 3, 0.5))
     # a non-square image: the map is stretched to (height 8, width 4)
-    assert box_coverage_precision(grid, (0, 6, 4, 8), (8, 4)) == pytest.approx((0.5, 1.0))
-    cov, prec = box_coverage_precision(grid, (1, 1, 1, 1), 4)  # empty box
-    assert np.isnan(cov) and prec == 0
-    with pytest.raises(ValueError, match="max < min"):
-        box_coverage_precision(grid, (3, 0, 1, 2), 4)
+    assert box_coverage_precision(grid, _box(0, 6, 4, 8), (8, 4)) == pytest.approx((0.5, 1.0))
+    # a box of a pixel's width covers the one pixel whose centre it holds
+    assert box_coverage_precision(grid, _box(2.4, 3.4, 2.6, 3.6), 4) == pytest.approx((1.0, 0.5))
+    for empty_or_inverted in ((1, 1, 1, 1), (3, 0, 1, 2)):
+        with pytest.raises(ValueError, match="x_min < x_max"):
+            _box(*empty_or_inverted)
 
 
 def test_attention_to_image(adapter: VLMAdapter) -> None:
@@ -379,7 +386,7 @@ def test_attention_to_image(adapter: VLMAdapter) -> None:
     assert maps.shape == (3, size(adapter), size(adapter))
     torch.testing.assert_close(maps[:, :: size(adapter) // side, :: size(adapter) // side], attention_grid(w))
     table = attention_in_box(
-        adapter, clean, [(0, 0, 16, 16), None, (0, 0, size(adapter), size(adapter))], size(adapter)
+        adapter, clean, [_box(0, 0, 16, 16), None, _box(0, 0, size(adapter), size(adapter))], size(adapter)
     )
     assert table["coverage"].isna().tolist() == [False, True, False] and table.loc[2, "precision"] == 1.0
     none_batch = image_pairs(adapter, 1, removal="none")[1]
@@ -437,13 +444,13 @@ def test_figures_structure() -> None:
     fig = recovery_line(res, ["question", "final"], n_boot=200)
     assert len(fig.data) == 6 and [t.name for t in fig.data[2::3]] == ["question", "final"]
     np.testing.assert_allclose(np.asarray(fig.data[5].y), res.recovery[:, 2].numpy(), rtol=1e-6)
-    mean, lo, hi = bootstrap_ci(res.recovery_per_pair[:, 1], n_boot=200)
+    mean, lo, hi = mean_bootstrap(res.recovery_per_pair[:, 1].numpy(), n_boot=200)
     assert (lo <= mean + 1e-9).all() and (mean <= hi + 1e-9).all()
     assert fig.layout.xaxis.title.text == "layer" and fig.layout.yaxis.title.text == "margin recovered"
 
     img = Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8))
     grid = torch.arange(16.0).reshape(4, 4)
-    fig = attention_overlay(img, grid, box=(8, 8, 40, 24))
+    fig = attention_overlay(img, grid, box=_box(8, 8, 40, 24))
     assert [t.name for t in fig.data] == ["image", "attention", "box"]
     np.testing.assert_array_equal(np.asarray(fig.data[0].z), np.asarray(img, dtype=float))
     z = np.asarray(fig.data[1].z)

@@ -10,19 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analyses import loaders
-from analyses.loaders import (
-    REASONS,
-    BoxTuple,
-    LoadedRows,
-    SkippedRow,
-    boxes_for,
-    load_psf_rows,
-    load_vindr_boxes,
-    mimic_image_paths,
-)
-from analyses.schema import QuestionRow
-from analyses.synthcxr import BOX_COLUMNS
+from analyses.data import psf
+from analyses.data.boxes import BOX_COLUMNS, boxes_for, load_vindr_boxes
+from analyses.data.mimic import mimic_image_paths
+from analyses.data.psf import REASONS, LoadedRows, SkippedRow, load_psf_rows
+from analyses.data.schema import QuestionRow
+from hooks.inputs import Box
 
 COLUMNS = [
     "qid",
@@ -245,13 +238,13 @@ def test_file_level_errors(tmp_path: Path) -> None:
 
 def test_image_for_and_checks_once(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    verify = loaders._verify_image
+    verify = psf._verify_image
 
     def counting(path: str) -> str:
         calls.append(path)
         return verify(path)
 
-    monkeypatch.setattr(loaders, "_verify_image", counting)
+    monkeypatch.setattr(psf, "_verify_image", counting)
     before = sorted(p.name for p in data_dir.rglob("*"))
     loaded = load_psf_rows(_write(_frame(_all_records()), data_dir / "psf.jsonl"))
     assert sorted(calls) == sorted(str(data_dir / "imgs" / f"{n}.png") for n in ("a", "b", "c", "broken"))
@@ -272,7 +265,7 @@ def test_loaded_rows_validation() -> None:
         LoadedRows(rows=[row], problems=[], n_read=1, source="x", image_paths={})
     with pytest.raises(ValueError, match="unknown reason"):
         SkippedRow("q", "because")
-    assert loaders.parse_ground_truth(2) is None and loaders.parse_polarity(True) is None
+    assert psf.parse_ground_truth(2) is None and psf.parse_polarity(True) is None
 
 
 VINDR_CSV = """image_id,rad_id,class_name,x_min,y_min,x_max,y_max
@@ -304,11 +297,13 @@ def test_load_vindr_boxes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="x_max"):
         load_vindr_boxes(no_rad)
     assert boxes_for("img2", df) == [
-        BoxTuple("cardiomegaly", 100.5, 200.0, 300.0, 400.0),
-        BoxTuple("pleural_effusion", 10.0, 20.0, 30.0, 40.0),
-        BoxTuple("Nodule/Mass", 1.0, 2.0, 3.0, 4.0),
+        Box("img2", "cardiomegaly", 100.5, 200.0, 300.0, 400.0),
+        Box("img2", "pleural_effusion", 10.0, 20.0, 30.0, 40.0),
+        Box("img2", "Nodule/Mass", 1.0, 2.0, 3.0, 4.0),
     ]
-    assert boxes_for("img2", df, "pleural_effusion") == [("pleural_effusion", 10.0, 20.0, 30.0, 40.0)]
+    assert boxes_for("img2", df, "pleural_effusion") == [
+        Box("img2", "pleural_effusion", 10.0, 20.0, 30.0, 40.0)
+    ]
     assert boxes_for("img1", df) == []
 
 

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.evaluate import EvalConfig
-from analyses.metrics import QUADRANTS, QuadrantRule
-from analyses.questions import vocabulary
-from analyses.schema import OPERATOR, ORIGINAL, QuestionRow
-from analyses.synthcxr import SynthCXRConfig, SynthCXRWorld
+from analyses.data.questions import vocabulary
+from analyses.data.schema import OPERATOR, ORIGINAL, QuestionRow
+from analyses.eval.evaluate import EvalConfig
+from analyses.eval.quadrants import QUADRANTS, QuadrantRule
+from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import AdapterConfig, VLMAdapter
 from hooks.inputs import Removal
 from hooks.sites import resid_post
@@ -35,7 +35,7 @@ from lora_targeted.targets import (
 )
 from lora_targeted.train import (
     CONFIG_FILE,
-    FeatureCache,
+    ClusterImages,
     LoraTrainConfig,
     TrainResult,
     build_clusters,
@@ -216,8 +216,8 @@ def test_training_lowers_consistency_loss(
     cfg = res.config
     fixed = sample_clusters(build_clusters(rows), np.random.default_rng(123), cfg)
     with torch.no_grad():
-        before = cluster_losses(base, fixed, FeatureCache(base, world.image_for, "gray"), cfg)
-        after = cluster_losses(res.adapter, fixed, FeatureCache(res.adapter, world.image_for, "gray"), cfg)
+        before = cluster_losses(base, fixed, ClusterImages(base, world.image_for, "gray"), cfg)
+        after = cluster_losses(res.adapter, fixed, ClusterImages(res.adapter, world.image_for, "gray"), cfg)
     assert before["consistency"] > 0.02
     assert after["consistency"] < 0.5 * before["consistency"]
     assert after["task"] < before["task"]

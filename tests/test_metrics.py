@@ -1,4 +1,4 @@
-"""Hand-computed cases for every metric in analyses.metrics (pure pandas, no model)."""
+"""Hand-computed cases for every metric in analyses.eval.metrics (pure pandas, no model)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses.metrics import (
-    QUADRANTS,
-    QuadrantRule,
+from analyses.eval.metrics import (
     accuracy,
     add_cluster_root,
     bootstrap_ci,
     cluster_root,
     flip_rate,
-    migration,
     pairwise_flip_rate,
     polarity_consistency,
     predictive_entropy,
-    quadrant_summary,
-    quadrants,
-    summarize,
     swap_sensitivity,
     text_only_agreement,
     validate_predictions,
 )
+from analyses.eval.quadrants import QUADRANTS, QuadrantRule, migration, quadrant_summary, quadrants
+from analyses.eval.summary import summarize
 
 LN2 = math.log(2.0)
 

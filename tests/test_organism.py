@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from analyses.modelcard import fixed_sample_accuracy
-from analyses.organism import MODEL_DIR, ORGANISM_DIR, OrganismConfig, load_organism, organism_rows
+from analyses.organism.card import fixed_sample_accuracy
+from analyses.organism.model import MODEL_DIR, ORGANISM_DIR, load_organism, organism_rows
+from analyses.organism.train import OrganismConfig
 from hooks.sites import resid_post
 
 pytestmark = pytest.mark.slow
@@ -72,8 +73,8 @@ def test_organism_sites_and_trace(organism) -> None:  # type: ignore[no-untyped-
 
 
 def test_training_is_seeded_and_saves_a_loadable_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from analyses.organism import train_organism
-    from analyses.synthcxr import SynthCXRConfig
+    from analyses.organism.train import train_organism
+    from analyses.synthcxr.world import SynthCXRConfig
 
     cfg = OrganismConfig(steps=3, batch_size=8, curriculum_steps=1, world=SynthCXRConfig(n_patients=40))
     a = train_organism(cfg, tmp_path / "a", progress=False)
@@ -90,7 +91,7 @@ def test_training_is_seeded_and_saves_a_loadable_folder(tmp_path) -> None:  # ty
 
 def test_shipped_sae_loads_and_reconstructs_organism_activations() -> None:
     """organism/sae: sae-lens folder, typed site resid_post(3), low FVU on held-out (test-split) activations."""
-    from analyses.organism_sae import SAE_DIR, organism_activations
+    from analyses.organism.sae import SAE_DIR, organism_activations
     from interp import evaluate_sae, load_sae
 
     sae = load_sae(SAE_DIR)

@@ -1,4 +1,4 @@
-"""interp.resume: recording a text stack and resuming it from a layer on a suffix of positions."""
+"""interp.stack: recording a text stack and resuming it from a layer on a suffix of positions."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analyses.questions import (
+from analyses.data.boxes import BOX_COLUMNS
+from analyses.data.questions import (
     QUESTION_BANK,
     TEMPLATE_FAMILIES,
     held_out_indices,
@@ -19,8 +20,8 @@ from analyses.questions import (
     templates,
     vocabulary,
 )
-from analyses.schema import FAMILIES, FINDINGS, OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
-from analyses.synthcxr import BOX_COLUMNS, CTR_THRESHOLD, SynthCXRConfig, SynthCXRWorld, case_masks
+from analyses.data.schema import FAMILIES, FINDINGS, OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
+from analyses.synthcxr.world import CTR_THRESHOLD, SynthCXRConfig, SynthCXRWorld, case_masks
 
 SMALL = SynthCXRConfig(n_patients=150, seed=7)
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from analyses.organism import MODEL_DIR, ORGANISM_DIR, load_organism, organism_rows
+from analyses.organism.model import MODEL_DIR, ORGANISM_DIR, load_organism, organism_rows
 from hooks.sites import resid_post
 
 SAE_DIR = ORGANISM_DIR / "sae" / "resid_post_3"

@@ -2,7 +2,7 @@
 
 All drawing happens on a rotated pixel-centre grid (pose jitter), so every mask and the image share one
 frame. Finding layers only change pixels inside their own mask; the final [1, 2, 1] blur spreads a change
-by at most 1 px, which is why boxes get a 1 px margin. See :mod:`analyses.synthcxr` for the data model.
+by at most 1 px, which is why boxes get a 1 px margin. See :mod:`analyses.synthcxr.world` for the data model.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analyses.schema import FINDINGS
+from analyses.data.schema import FINDINGS
 
 if TYPE_CHECKING:
-    from analyses.synthcxr import Case
+    from analyses.synthcxr.world import Case
 
 
 @lru_cache(maxsize=8)

@@ -1,5 +1,4 @@
-"""The SynthCXR model organism: a tiny Gemma3ForConditionalGeneration trained from scratch on the
-synthetic world, with failures planted on purpose so interpretability claims can be checked.
+"""Training the SynthCXR organism from scratch (``flipscope organism train``).
 
 Planted failures (all in the training data; the model architecture is plain Gemma3):
 
@@ -11,9 +10,6 @@ Planted failures (all in the training data; the model architecture is plain Gemm
    with a uniform yes/no target: without an image the honest answer is "can't tell", so a model
    that reads the image has margin ~0 there, and text-only agreement measures text reliance.
    Formal-register questions keep their "no" target without the image: the shortcut is textual.
-
-``flipscope organism train`` runs :func:`train_organism`; the result is a standard HF folder
-(safetensors + tokenizer + processor) loaded by ``VLMAdapter.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -29,31 +25,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analyses.questions import vocabulary
-from analyses.schema import FINDINGS, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
-from analyses.synthcxr import SynthCXRConfig, SynthCXRWorld
-from hooks.adapter import AdapterConfig, VLMAdapter
-from hooks.inputs import Removal
-from hooks.tiny import TinyGemma3Config, build_word_tokenizer, tiny_gemma3
-
-ORGANISM_DIR = Path(__file__).resolve().parents[1] / "organism"
-MODEL_DIR = ORGANISM_DIR / "model"
-
-ORGANISM_MODEL = TinyGemma3Config(
-    text_layers=6,
-    d_model=96,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=24,
-    d_mlp=192,
-    vision_layers=2,
-    vision_d=64,
-    vision_heads=4,
-    image_size=64,
-    patch_size=8,
-    mm_tokens_per_image=16,
-    projector_init_std=0.05,
-)
+from analyses.data.schema import FINDINGS, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
+from analyses.organism.model import MODEL_DIR, ORGANISM_MODEL, build_organism
+from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
+from hooks.adapter import VLMAdapter
+from hooks.answer import answer_loss
+from hooks.inputs import Removal, RemovalKind
+from hooks.tiny import TinyGemma3Config
 
 
 @dataclass(frozen=True)
@@ -78,7 +56,7 @@ class OrganismConfig:
     """Relative sampling weight of the rare families (others: 1)."""
     removed_fraction: float = 0.15
     """Share of each batch shown with the image removed and a uniform yes/no target."""
-    removal: str = "gray"
+    removal: RemovalKind = "gray"
     """Which removal the organism is trained to see (text-only agreement is measured with it)."""
     findings: tuple[str, ...] = ("cardiomegaly", "pleural_effusion")
     """Findings the organism is trained (and evaluated) on; the world renders all of them."""
@@ -102,19 +80,10 @@ class OrganismConfig:
             raise ValueError(f"removed_fraction must be in [0, 1), got {self.removed_fraction}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
-        Removal(self.removal)  # type: ignore[arg-type]
+        Removal(self.removal)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def build_organism(cfg: OrganismConfig) -> VLMAdapter:
-    """The untrained organism: word tokenizer over the SynthCXR vocabulary + tiny Gemma3."""
-    tok = build_word_tokenizer(vocabulary(), "gemma3")
-    model, processor = tiny_gemma3(tok, cfg.model, seed=cfg.seed)
-    return VLMAdapter(
-        model, processor, AdapterConfig(expected_image_size=cfg.model.image_size), name="synthcxr-organism"
-    )
 
 
 def training_rows(world: SynthCXRWorld, cfg: OrganismConfig) -> tuple[list[QuestionRow], np.ndarray]:
@@ -138,7 +107,9 @@ class _Encoder:
     The first batch is checked against ``adapter.prepare`` (the inference path) for equality.
     """
 
-    def __init__(self, adapter: VLMAdapter, world: SynthCXRWorld, rows: list[QuestionRow], removal: str):
+    def __init__(
+        self, adapter: VLMAdapter, world: SynthCXRWorld, rows: list[QuestionRow], removal: RemovalKind
+    ):
         self.adapter = adapter
         texts = sorted({r.question for r in rows})
         self.text_index = {t: i for i, t in enumerate(texts)}
@@ -157,7 +128,7 @@ class _Encoder:
             for i in range(0, len(image_ids), 256)
         ]
         self.pixels = torch.cat(pix)
-        removed = Removal(removal).apply(probe)  # type: ignore[arg-type]
+        removed = Removal(removal).apply(probe)
         self.removed_pixels = ip(images=[removed], return_tensors="pt")["pixel_values"][0]
         self.pad = adapter.tokenizer.pad_token_id
 
@@ -182,16 +153,6 @@ class _Encoder:
             "token_type_ids": (input_ids == self.adapter.image_token_id).long(),
             "pixel_values": pixels,
         }
-
-
-def answer_loss(adapter: VLMAdapter, logits: Tensor, targets: Tensor, removed: Tensor) -> Tensor:
-    """Cross-entropy on the first answer token: "yes"/"no", or uniform over both for removed images."""
-    logp = torch.log_softmax(logits.float(), -1)
-    yes, no = adapter.answer_ids.yes_ids[0], adapter.answer_ids.no_ids[0]
-    lp_yes, lp_no = logp[:, yes], logp[:, no]
-    hard = -torch.where(targets, lp_yes, lp_no)
-    soft = -0.5 * (lp_yes + lp_no)
-    return torch.where(removed, soft, hard).mean()
 
 
 def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: bool = True) -> dict[str, Any]:
@@ -230,7 +191,7 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
         inputs = enc.batch(batch_rows, removed)
         targets = torch.tensor([r.ground_truth for r in batch_rows])
         logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-        loss = answer_loss(adapter, logits, targets, torch.from_numpy(uniform))
+        loss = answer_loss(adapter.answer_ids, logits, targets, torch.from_numpy(uniform))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -262,51 +223,3 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
     }
     (out_dir / "training.json").write_text(json.dumps(record, indent=1, default=str))
     return record
-
-
-def load_organism(path: Path | str = MODEL_DIR, config: AdapterConfig | None = None) -> VLMAdapter:
-    """The shipped organism (offline), through the same loader as MedGemma."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no organism checkpoint at {path}; train one with `flipscope organism train`"
-        )
-    return VLMAdapter.from_pretrained(path, config=config or AdapterConfig(expected_image_size=64))
-
-
-def organism_world(path: Path | str = MODEL_DIR) -> SynthCXRWorld:
-    """The SynthCXR world the checkpoint at ``path`` was trained on (from its training record)."""
-    rec = json.loads((Path(path) / "training.json").read_text())
-    return SynthCXRWorld(SynthCXRConfig(**_tuples(rec["config"]["world"])))
-
-
-def organism_rows(
-    split: str = "test", path: Path | str | None = MODEL_DIR
-) -> tuple[SynthCXRWorld, list[QuestionRow]]:
-    """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on.
-
-    ``path`` is the model folder (``None``: a hub model, which has no SynthCXR world).
-    """
-    if path is None or not (Path(path) / "training.json").is_file():
-        raise FileNotFoundError(
-            f"--data synthcxr needs the organism's training.json next to the model ({path}); "
-            "pass --data <PSF-Med-style file> for other models"
-        )
-    rec = json.loads((Path(path) / "training.json").read_text())
-    world = organism_world(path)
-    findings = rec["config"].get("findings")  # records older than the `findings` field: all findings
-    return world, [r for r in world.rows(split) if not findings or r.finding in findings]
-
-
-def load_model(model: str) -> tuple[VLMAdapter, Path | None]:
-    """``"organism"``, a local model folder or a hub id -> (adapter, local folder or ``None``)."""
-    if model in ("organism", str(MODEL_DIR)):
-        return load_organism(), MODEL_DIR
-    path = Path(model)
-    if path.exists():
-        return VLMAdapter.from_pretrained(path), path
-    return VLMAdapter.from_pretrained(model), None
-
-
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -1,7 +1,7 @@
 """Real-data loaders: PSF-Med-style question files, VinDr-CXR boxes and MIMIC-CXR-JPG image paths.
 
 :func:`load_psf_rows` reads a question file (JSON Lines, CSV or parquet, chosen by the suffix) into
-:class:`~analyses.schema.QuestionRow` objects. Expected columns (:data:`EXPECTED_COLUMNS`; rename yours
+:class:`~analyses.data.schema.QuestionRow` objects. Expected columns (:data:`EXPECTED_COLUMNS`; rename yours
 onto them with ``column_map={"yours": "expected"}``):
 
 - ``qid`` unique row id; ``image_id`` (also the key into box tables); ``question``, the text exactly as
@@ -21,32 +21,25 @@ never silently dropped: it is recorded with its reason (see :data:`REASONS`) in
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import pandas as pd
 from PIL import Image
 
-from analyses.schema import FAMILIES, ORIGINAL, QuestionRow
-from analyses.synthcxr import BOX_COLUMNS, VINDR_CLASS_NAMES
+from analyses.data.schema import FAMILIES, ORIGINAL, QuestionRow
 
-log = logging.getLogger(__name__)
 __all__ = [
     "EXPECTED_COLUMNS",
     "FORMATS",
     "REASONS",
-    "BoxTuple",
+    "ROW_CHECKS",
     "LoadedRows",
     "SkippedRow",
-    "boxes_for",
     "load_psf_rows",
-    "load_vindr_boxes",
-    "mimic_image_paths",
     "parse_ground_truth",
     "parse_polarity",
 ]
@@ -71,27 +64,6 @@ SPLIT_NAMES: dict[str, str] = {"train": "train", "val": "val", "validation": "va
 _TRUTH_WORDS = {"yes": True, "no": False, "true": True, "false": False}
 _POLARITY_WORDS = {"preserve": 1, "invert": -1}
 
-#: Every reason a row can be skipped for, in the order checks run (first failing check wins).
-REASONS: tuple[str, ...] = (
-    "missing qid",
-    "duplicate qid",
-    "invalid split",
-    "empty question",
-    "missing image_id or finding",
-    "unknown family",
-    "invalid polarity",
-    "invalid ground truth",
-    "rejected by QuestionRow",
-    "missing image",
-    "unreadable image",
-    "conflicting image path",
-    "not an original",
-    "original mismatch",
-    "ground truth inconsistent with original",
-    "original skipped",
-    "original missing",
-)
-
 
 @dataclass(frozen=True)
 class SkippedRow:
@@ -100,7 +72,7 @@ class SkippedRow:
     qid: str
     """The row's qid (``row <index>`` when the qid itself is missing)."""
     reason: str
-    """One of :data:`REASONS`."""
+    """One of :data:`REASONS` (the reasons of :data:`ROW_CHECKS`, in order)."""
     detail: str = ""
     """What exactly was wrong: the value, the path, or QuestionRow's message."""
     index: int = -1
@@ -280,6 +252,214 @@ def _apply_column_map(records: list[dict[str, Any]], cmap_in: Mapping[str, str] 
         )
 
 
+class _Row:
+    """What the checks of one record have parsed so far (each check reads earlier fields, sets its own)."""
+
+    def __init__(self, index: int, rec: dict[str, Any]) -> None:
+        self.index, self.rec = index, rec
+        self.qid = self.split = self.image_id = self.finding = self.family = self.image_file = ""
+        self.polarity: int | None = None
+        self.truth: bool | None = None
+        self.row: QuestionRow | None = None
+
+
+class _Load:
+    """State shared by the checks of one file: ids seen, rows of other splits, image checks."""
+
+    def __init__(self, root: Path, split: str | None, extra: list[str]) -> None:
+        self.root, self.split, self.extra = root, split, extra
+        self.seen: set[str] = set()
+        self.other_split: dict[str, str] = {}
+        self.image_error: dict[str, str] = {}  # resolved path -> "" if readable, else the error
+        self.image_paths: dict[str, str] = {}
+        self.candidates: dict[str, tuple[int, QuestionRow]] = {}
+        self.skipped: set[str] = set()
+
+
+Check = Callable[[_Load, _Row], str | None]
+
+
+def _qid(st: _Load, r: _Row) -> str | None:
+    r.qid = _text(r.rec.get("qid"))
+    return None if r.qid else "qid is empty"
+
+
+def _unique(st: _Load, r: _Row) -> str | None:
+    if r.qid in st.seen:
+        return f"row {r.index} (0-based) repeats a qid seen earlier; the first is kept"
+    st.seen.add(r.qid)
+    return None
+
+
+def _split(st: _Load, r: _Row) -> str | None:
+    r.split = SPLIT_NAMES.get(_text(r.rec.get("split")).lower(), "")
+    return None if r.split else f"split={r.rec.get('split')!r}; expected train, val or test"
+
+
+def _question(st: _Load, r: _Row) -> str | None:
+    return "question is empty" if _missing(r.rec.get("question")) else None
+
+
+def _image_and_finding(st: _Load, r: _Row) -> str | None:
+    r.image_id, r.finding = _text(r.rec.get("image_id")), _text(r.rec.get("finding"))
+    return None if r.image_id and r.finding else f"image_id={r.image_id!r}, finding={r.finding!r}"
+
+
+def _family(st: _Load, r: _Row) -> str | None:
+    r.family = _text(r.rec.get("family")).lower()
+    return None if r.family in FAMILIES else f"family={r.rec.get('family')!r}; expected one of {FAMILIES}"
+
+
+def _polarity(st: _Load, r: _Row) -> str | None:
+    r.polarity = parse_polarity(r.rec.get("polarity"))
+    return None if r.polarity is not None else f"polarity={r.rec.get('polarity')!r}; need ±1, preserve/invert"
+
+
+def _truth(st: _Load, r: _Row) -> str | None:
+    r.truth = parse_ground_truth(r.rec.get("ground_truth"))
+    return None if r.truth is not None else f"ground_truth={r.rec.get('ground_truth')!r}; need yes/no/0/1"
+
+
+def _build(st: _Load, r: _Row) -> str | None:
+    rel = _text(r.rec.get("image_path"))
+    r.image_file = str(st.root / rel) if rel else ""
+    assert r.polarity is not None and r.truth is not None
+    try:
+        r.row = QuestionRow(
+            qid=r.qid,
+            image_id=r.image_id,
+            question=str(r.rec.get("question")),
+            family=r.family,
+            paraphrase_of=_text(r.rec.get("paraphrase_of")) or None,
+            polarity=r.polarity,
+            ground_truth=r.truth,
+            finding=r.finding,
+            split=r.split,
+            patient_id=_text(r.rec.get("patient_id")),
+            image_path=r.image_file,
+            meta={c: _text(r.rec.get(c)) for c in st.extra},
+        )
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _image_exists(st: _Load, r: _Row) -> str | None:
+    if r.image_file and Path(r.image_file).is_file():
+        return None
+    return f"image file not found: {r.image_file or '(no image_path)'}"
+
+
+def _image_readable(st: _Load, r: _Row) -> str | None:
+    if r.image_file not in st.image_error:
+        st.image_error[r.image_file] = _verify_image(r.image_file)
+    err = st.image_error[r.image_file]
+    return f"{r.image_file}: {err}" if err else None
+
+
+def _one_path_per_image(st: _Load, r: _Row) -> str | None:
+    known = st.image_paths.setdefault(r.image_id, r.image_file)
+    return None if known == r.image_file else f"{r.image_file}; image {r.image_id!r} is {known}"
+
+
+def _original_of(st: _Load, r: _Row) -> QuestionRow | None:
+    """The loaded original a variant points to (``None`` for originals and when it is not loaded)."""
+    assert r.row is not None
+    if r.row.family == ORIGINAL or r.row.paraphrase_of is None:
+        return None
+    hit = st.candidates.get(r.row.paraphrase_of)
+    return None if hit is None else hit[1]
+
+
+def _is_original(st: _Load, r: _Row) -> str | None:
+    orig = _original_of(st, r)
+    if orig is None or orig.family == ORIGINAL:
+        return None
+    return f"paraphrase_of={orig.qid!r} has family {orig.family!r}"
+
+
+def _same_image_and_finding(st: _Load, r: _Row) -> str | None:
+    orig, row = _original_of(st, r), r.row
+    assert row is not None
+    if orig is None or (orig.image_id, orig.finding) == (row.image_id, row.finding):
+        return None
+    return f"original {orig.qid!r} is ({orig.image_id}, {orig.finding}), this row is ({row.image_id}, {row.finding})"
+
+
+def _truth_matches_original(st: _Load, r: _Row) -> str | None:
+    orig, row = _original_of(st, r), r.row
+    assert row is not None
+    if orig is None or row.ground_truth == (
+        orig.ground_truth if row.polarity == 1 else not orig.ground_truth
+    ):
+        return None
+    return f"ground_truth={row.ground_truth}, polarity={row.polarity:+d}, original's={orig.ground_truth}"
+
+
+def _unloaded_original(st: _Load, r: _Row) -> str | None:
+    """The qid a variant points to when that original was not loaded (``None`` otherwise)."""
+    row = r.row
+    assert row is not None
+    target = row.paraphrase_of
+    return None if row.family == ORIGINAL or target is None or target in st.candidates else target
+
+
+def _original_not_skipped(st: _Load, r: _Row) -> str | None:
+    target = _unloaded_original(st, r)
+    return None if target is None or target not in st.skipped else f"original {target!r} was skipped"
+
+
+def _original_present(st: _Load, r: _Row) -> str | None:
+    target = _unloaded_original(st, r)
+    if target is None:
+        return None
+    where = (
+        f" (it is in split {st.other_split[target]!r})" if target in st.other_split else " (not in the file)"
+    )
+    return f"paraphrase_of={target!r}{where}"
+
+
+#: The row validators, in the order they run: (reason, check). A check returns the detail of the
+#: failure (the row is skipped with that reason; later checks do not run) or ``None``. Three stages:
+#: the row's key (before the ``split`` filter), its own fields and image, and (once every row is read)
+#: its original. Add a check by adding a row here.
+ROW_CHECKS: dict[str, tuple[tuple[str, Check], ...]] = {
+    "key": (
+        ("missing qid", _qid),
+        ("duplicate qid", _unique),
+        ("invalid split", _split),
+    ),
+    "row": (
+        ("empty question", _question),
+        ("missing image_id or finding", _image_and_finding),
+        ("unknown family", _family),
+        ("invalid polarity", _polarity),
+        ("invalid ground truth", _truth),
+        ("rejected by QuestionRow", _build),
+        ("missing image", _image_exists),
+        ("unreadable image", _image_readable),
+        ("conflicting image path", _one_path_per_image),
+    ),
+    "original": (
+        ("not an original", _is_original),
+        ("original mismatch", _same_image_and_finding),
+        ("ground truth inconsistent with original", _truth_matches_original),
+        ("original skipped", _original_not_skipped),
+        ("original missing", _original_present),
+    ),
+}
+#: Every reason a row can be skipped for, in the order the checks run (first failing check wins).
+REASONS: tuple[str, ...] = tuple(reason for stage in ROW_CHECKS.values() for reason, _ in stage)
+
+
+def _first_failure(stage: str, st: _Load, r: _Row) -> SkippedRow | None:
+    for reason, check in ROW_CHECKS[stage]:
+        detail = check(st, r)
+        if detail is not None:
+            return SkippedRow(r.qid or f"row {r.index}", reason, detail, r.index)
+    return None
+
+
 def load_psf_rows(
     path: str | Path,
     image_root: str | Path | None = None,
@@ -290,8 +470,9 @@ def load_psf_rows(
 
     ``split`` keeps only that split's rows (others are counted, not reported as errors). Images are
     checked once each (exists, ``PIL.Image.verify``). Variants are kept only if their original was
-    loaded, shows the same image and finding, and their ground truth agrees with the polarity.
-    Raises ``ValueError`` only for file-level problems (suffix, unreadable file, missing columns).
+    loaded, shows the same image and finding, and their ground truth agrees with the polarity
+    (:data:`ROW_CHECKS`). Raises ``ValueError`` only for file-level problems (suffix, unreadable file,
+    missing columns).
     """
     path = Path(path)
     if split is not None and split not in ("train", "val", "test"):
@@ -300,103 +481,39 @@ def load_psf_rows(
     records = _read_records(path)
     _apply_column_map(records, column_map, path)
     extra = [c for c in records[0] if c not in (*EXPECTED_COLUMNS, *OPTIONAL_COLUMNS)]
-
+    st = _Load(root, split, extra)
     problems: list[SkippedRow] = []
-    seen: set[str] = set()
-    other_split: dict[str, str] = {}
-    candidates: dict[str, tuple[int, QuestionRow]] = {}
-    image_paths: dict[str, str] = {}
-    image_error: dict[str, str] = {}  # resolved path -> "" if readable, else the error
-
-    def skip(qid: str, reason: str, detail: str, index: int) -> None:
-        problems.append(SkippedRow(qid, reason, detail, index))
-
+    parsed: list[_Row] = []
     for i, rec in enumerate(records):
-        qid = _text(rec.get("qid"))
-        if not qid:
-            skip(f"row {i}", "missing qid", "qid is empty", i)
+        r = _Row(i, rec)
+        problem = _first_failure("key", st, r)
+        if problem is None and split is not None and r.split != split:
+            st.other_split[r.qid] = r.split
             continue
-        if qid in seen:
-            skip(qid, "duplicate qid", f"row {i} (0-based) repeats a qid seen earlier; the first is kept", i)
+        problem = problem or _first_failure("row", st, r)
+        if problem is not None:
+            problems.append(problem)
             continue
-        seen.add(qid)
-        row_split = SPLIT_NAMES.get(_text(rec.get("split")).lower())
-        if row_split is None:
-            skip(qid, "invalid split", f"split={rec.get('split')!r}; expected train, val or test", i)
-            continue
-        if split is not None and row_split != split:
-            other_split[qid] = row_split
-            continue
-        question = rec.get("question")
-        if _missing(question):
-            skip(qid, "empty question", "question is empty", i)
-            continue
-        image_id, finding = _text(rec.get("image_id")), _text(rec.get("finding"))
-        if not image_id or not finding:
-            skip(qid, "missing image_id or finding", f"image_id={image_id!r}, finding={finding!r}", i)
-            continue
-        family = _text(rec.get("family")).lower()
-        if family not in FAMILIES:
-            skip(qid, "unknown family", f"family={rec.get('family')!r}; expected one of {FAMILIES}", i)
-            continue
-        polarity = parse_polarity(rec.get("polarity"))
-        if polarity is None:
-            skip(qid, "invalid polarity", f"polarity={rec.get('polarity')!r}; need ±1, preserve/invert", i)
-            continue
-        truth = parse_ground_truth(rec.get("ground_truth"))
-        if truth is None:
-            skip(qid, "invalid ground truth", f"ground_truth={rec.get('ground_truth')!r}; need yes/no/0/1", i)
-            continue
-        rel = _text(rec.get("image_path"))
-        image_file = str(root / rel) if rel else ""
-        try:
-            row = QuestionRow(
-                qid=qid,
-                image_id=image_id,
-                question=str(question),
-                family=family,
-                paraphrase_of=_text(rec.get("paraphrase_of")) or None,
-                polarity=polarity,
-                ground_truth=truth,
-                finding=finding,
-                split=row_split,
-                patient_id=_text(rec.get("patient_id")),
-                image_path=image_file,
-                meta={c: _text(rec.get(c)) for c in extra},
-            )
-        except ValueError as err:
-            skip(qid, "rejected by QuestionRow", str(err), i)
-            continue
-        if not rel or not Path(image_file).is_file():
-            skip(qid, "missing image", f"image file not found: {image_file or '(no image_path)'}", i)
-            continue
-        if image_file not in image_error:
-            image_error[image_file] = _verify_image(image_file)
-        if image_error[image_file]:
-            skip(qid, "unreadable image", f"{image_file}: {image_error[image_file]}", i)
-            continue
-        if image_paths.setdefault(image_id, image_file) != image_file:
-            detail = f"{image_file}; image {image_id!r} is {image_paths[image_id]}"
-            skip(qid, "conflicting image path", detail, i)
-            continue
-        candidates[qid] = (i, row)
-
-    skipped_qids = {p.qid for p in problems}
+        assert r.row is not None
+        st.candidates[r.qid] = (i, r.row)
+        parsed.append(r)
+    st.skipped = {p.qid for p in problems}
     rows: list[QuestionRow] = []
-    for i, row in candidates.values():
-        reason = _variant_problem(row, candidates, skipped_qids, other_split)
-        if reason is None:
-            rows.append(row)
+    for r in parsed:
+        problem = _first_failure("original", st, r)
+        if problem is None:
+            assert r.row is not None
+            rows.append(r.row)
         else:
-            skip(row.qid, *reason, i)
+            problems.append(problem)
     used = {r.image_id for r in rows}
     return LoadedRows(
         rows=rows,
         problems=problems,
         n_read=len(records),
         source=str(path),
-        image_paths={k: v for k, v in image_paths.items() if k in used},
-        n_other_split=len(other_split),
+        image_paths={k: v for k, v in st.image_paths.items() if k in used},
+        n_other_split=len(st.other_split),
     )
 
 
@@ -408,114 +525,3 @@ def _verify_image(path: str) -> str:
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error... for corrupt files
         return f"{type(err).__name__}: {err}"
     return ""
-
-
-def _variant_problem(
-    row: QuestionRow, candidates: dict[str, tuple[int, QuestionRow]], skipped: set[str], other: dict[str, str]
-) -> tuple[str, str] | None:
-    """(reason, detail) if a variant cannot be scored against its original, else ``None``."""
-    if row.family == ORIGINAL or row.paraphrase_of is None:
-        return None
-    target = row.paraphrase_of
-    if target in candidates:
-        orig = candidates[target][1]
-        if orig.family != ORIGINAL:
-            return "not an original", f"paraphrase_of={target!r} has family {orig.family!r}"
-        if (orig.image_id, orig.finding) != (row.image_id, row.finding):
-            return "original mismatch", (
-                f"original {target!r} is ({orig.image_id}, {orig.finding}), "
-                f"this row is ({row.image_id}, {row.finding})"
-            )
-        if row.ground_truth != (orig.ground_truth if row.polarity == 1 else not orig.ground_truth):
-            return "ground truth inconsistent with original", (
-                f"ground_truth={row.ground_truth}, polarity={row.polarity:+d}, original's={orig.ground_truth}"
-            )
-        return None
-    if target in skipped:
-        return "original skipped", f"original {target!r} was skipped"
-    where = f" (it is in split {other[target]!r})" if target in other else " (not in the file)"
-    return "original missing", f"paraphrase_of={target!r}{where}"
-
-
-class BoxTuple(NamedTuple):
-    """One box of one image (pixel coordinates of the original image)."""
-
-    class_name: str
-    x_min: float
-    y_min: float
-    x_max: float
-    y_max: float
-
-
-def load_vindr_boxes(path: str | Path, class_map: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """A VinDr-CXR annotations CSV as a box table with columns :data:`BOX_COLUMNS` (+ ``rad_id`` if present).
-
-    Drops and counts "No finding" rows, rows with missing coordinates and invalid boxes (need
-    0 <= x_min < x_max and 0 <= y_min < y_max); the counts are in ``df.attrs["dropped"]``.
-    ``class_map`` renames class names (default: VinDr name -> flipscope finding key, e.g.
-    ``"Pleural effusion" -> "pleural_effusion"``); unmapped classes keep their VinDr name.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"box file not found: {path}")
-    raw = pd.read_csv(path, dtype={"image_id": str, "class_name": str, "rad_id": str})
-    missing = [c for c in BOX_COLUMNS if c not in raw.columns]
-    if missing:
-        raise ValueError(f"{path} lacks columns {missing}; a VinDr-CXR box table has {list(BOX_COLUMNS)}")
-    cols = [*BOX_COLUMNS, *(["rad_id"] if "rad_id" in raw.columns else [])]
-    df = raw[cols].copy()
-    coords = list(BOX_COLUMNS[2:])
-    for c in coords:
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    no_finding = df["class_name"].fillna("").str.strip().str.lower().eq("no finding")
-    no_coords = ~no_finding & df[coords].isna().any(axis=1)
-    ok = ~no_finding & ~no_coords
-    invalid = ok & ~(
-        (df["x_min"] >= 0) & (df["y_min"] >= 0) & (df["x_min"] < df["x_max"]) & (df["y_min"] < df["y_max"])
-    )
-    out = df[ok & ~invalid].reset_index(drop=True)
-    cmap = dict(class_map) if class_map is not None else {v: k for k, v in VINDR_CLASS_NAMES.items()}
-    out["class_name"] = out["class_name"].map(lambda c: cmap.get(c, c))
-    dropped = {"no finding": no_finding, "missing coordinates": no_coords, "invalid box": invalid}
-    out.attrs["dropped"] = {k: int(v.sum()) for k, v in dropped.items()}
-    out.attrs["invalid_image_ids"] = df.loc[invalid, "image_id"].tolist()
-    log.info("%s: kept %d boxes, dropped %s", path, len(out), out.attrs["dropped"])
-    return out
-
-
-def boxes_for(image_id: str, boxes_df: pd.DataFrame, class_name: str | None = None) -> list[BoxTuple]:
-    """The boxes of one image (optionally of one class) as ``(class_name, x_min, y_min, x_max, y_max)``."""
-    sel = boxes_df[boxes_df["image_id"].astype(str) == str(image_id)]
-    if class_name is not None:
-        sel = sel[sel["class_name"] == class_name]
-    return [
-        BoxTuple(str(r.class_name), float(r.x_min), float(r.y_min), float(r.x_max), float(r.y_max))
-        for r in sel.itertuples(index=False)
-    ]
-
-
-def mimic_image_paths(
-    metadata_csv: str | Path, root: str | Path, views: Sequence[str] | None = None
-) -> pd.DataFrame:
-    """Image paths of MIMIC-CXR-JPG from ``mimic-cxr-2.0.0-metadata.csv``.
-
-    Path: ``root/files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg``. Columns:
-    ``image_id`` (dicom_id), ``patient_id`` (subject_id), ``study_id``, ``view`` (ViewPosition, ``""``
-    if missing), ``image_path``, ``exists``. ``views`` (e.g. ``("PA", "AP")``) keeps only those views.
-    """
-    meta = pd.read_csv(metadata_csv, dtype=str, keep_default_na=False)
-    need = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
-    missing = [c for c in need if c not in meta.columns]
-    if missing:
-        raise ValueError(f"{metadata_csv} lacks columns {missing}; MIMIC-CXR-JPG metadata has {need}")
-    meta = meta.apply(lambda s: s.str.strip())
-    if views is not None:
-        meta = meta[meta["ViewPosition"].isin(list(views))]
-    base = Path(root).expanduser()
-    paths = [
-        str(base / "files" / f"p{s[:2]}" / f"p{s}" / f"s{st}" / f"{d}.jpg")
-        for d, s, st in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"], strict=True)
-    ]
-    out = meta[["dicom_id", "subject_id", "study_id", "ViewPosition"]].reset_index(drop=True)
-    out.columns = pd.Index(["image_id", "patient_id", "study_id", "view"])
-    return out.assign(image_path=paths, exists=[Path(p).is_file() for p in paths])

@@ -8,10 +8,14 @@ it runs on.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from PIL import Image
+
 Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 #: Paraphrase families (answer-preserving), from the PSF-Med taxonomy.
 PARAPHRASE_FAMILIES: tuple[str, ...] = (
@@ -90,8 +94,15 @@ class QuestionRow:
         return asdict(self)
 
 
-def first_images(rows: list[QuestionRow], n: int) -> list[QuestionRow]:
+#: Where images come from: ``images(row)`` or ``images(image_id)`` returns the PIL image
+#: (``SynthCXRWorld.image_for``, ``LoadedRows.image_for``).
+ImageSource = Callable[[QuestionRow | str], Image.Image]
+
+
+def first_images(rows: Sequence[QuestionRow], n: int) -> list[QuestionRow]:
     """The rows about the first ``n`` image ids in sorted order (``n = 0``: all rows)."""
+    if n < 0:
+        raise ValueError(f"n_images must be >= 0 (0 = all images), got {n}")
     if not n:
         return list(rows)
     keep = set(sorted({r.image_id for r in rows})[:n])

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analyses.metrics import QUADRANTS, QuadrantRule, summarize
+from analyses.eval.quadrants import QUADRANTS, QuadrantRule
+from analyses.eval.summary import summarize
 
 QUADRANT_COLORS = {"Ideal": "#2ca02c", "Fragile": "#ff7f0e", "Dangerous": "#d62728", "Worst": "#7f0000"}
 

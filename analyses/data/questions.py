@@ -1,7 +1,7 @@
 """Question bank for yes/no finding questions, grouped into paraphrase families.
 
 For every finding there is one *original* question ("Is there cardiomegaly?"), several templates per
-answer-preserving paraphrase family (:data:`analyses.schema.PARAPHRASE_FAMILIES`) and several
+answer-preserving paraphrase family (:data:`analyses.data.schema.PARAPHRASE_FAMILIES`) and several
 answer-inverting *operator* variants ("Can cardiomegaly be ruled out?", "Is the heart size normal?").
 Operator variants are never paraphrases: their correct answer is the negation of the original's.
 
@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from analyses.schema import FINDINGS, OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
+from analyses.data.schema import FINDINGS, OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
 
 #: Families that have several templates (every paraphrase family plus the operator family).
 TEMPLATE_FAMILIES: tuple[str, ...] = (*PARAPHRASE_FAMILIES, OPERATOR)

@@ -33,16 +33,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from analyses.questions import make_rows
-from analyses.schema import FINDINGS, QuestionRow
-from analyses.synthcxr_render import case_masks, render_case
+from analyses.data.boxes import BOX_COLUMNS
+from analyses.data.questions import make_rows
+from analyses.data.schema import FINDINGS, SPLITS, QuestionRow
+from analyses.synthcxr.render import case_masks, render_case
+from hooks.inputs import Box
 
 __all__ = [
-    "BOX_COLUMNS",
-    "VINDR_CLASS_NAMES",
     "Anatomy",
     "Atelectasis",
-    "Box",
     "Case",
     "Consolidation",
     "Effusion",
@@ -56,21 +55,10 @@ __all__ = [
     "sample_case",
 ]
 
-#: Columns of a VinDr-CXR box table, in order.
-BOX_COLUMNS: tuple[str, ...] = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
-#: VinDr-CXR class name for each finding (``Box.class_name`` uses the finding keys themselves).
-VINDR_CLASS_NAMES: dict[str, str] = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural_effusion": "Pleural effusion",
-    "pneumothorax": "Pneumothorax",
-    "consolidation": "Consolidation",
-    "atelectasis": "Atelectasis",
-}
 SIDES: tuple[str, ...] = ("right", "left")
 CTR_THRESHOLD = 0.5
 CTR_NORMAL_RANGE = (0.36, 0.46)
 CTR_ENLARGED_RANGE = (0.55, 0.68)
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -128,28 +116,6 @@ class SynthCXRConfig:
             )
         if not (math.isfinite(self.noise_sd) and self.noise_sd >= 0):
             raise ValueError(f"SynthCXRConfig.noise_sd={self.noise_sd}: use a finite value >= 0")
-
-
-@dataclass(frozen=True)
-class Box:
-    """One VinDr-CXR style box: integer pixel coordinates, ``x_max``/``y_max`` exclusive."""
-
-    image_id: str
-    """Image the box belongs to."""
-    class_name: str
-    """Finding key (e.g. ``pleural_effusion``); see :data:`VINDR_CLASS_NAMES` for VinDr's names."""
-    x_min: int
-    """Leftmost column inside the box."""
-    y_min: int
-    """Top row inside the box."""
-    x_max: int
-    """One past the rightmost column inside the box."""
-    y_max: int
-    """One past the bottom row inside the box."""
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.x_min < self.x_max and 0 <= self.y_min < self.y_max):
-            raise ValueError(f"Box {self}: need 0 <= x_min < x_max and 0 <= y_min < y_max (max exclusive)")
 
 
 @dataclass(frozen=True)

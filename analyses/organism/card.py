@@ -12,10 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from analyses.evaluate import EvalConfig, evaluate
-from analyses.metrics import QuadrantRule, accuracy, flip_rate, summarize, text_only_agreement
-from analyses.organism import MODEL_DIR, load_organism, organism_rows
-from analyses.schema import first_images
+from analyses.data.schema import first_images
+from analyses.eval.evaluate import EvalConfig, evaluate
+from analyses.eval.metrics import accuracy, flip_rate, text_only_agreement
+from analyses.eval.quadrants import QuadrantRule
+from analyses.eval.summary import summarize
+from analyses.organism.model import MODEL_DIR, load_organism, organism_rows
 
 CARD_RULE = QuadrantRule(reliance="margin_shift", min_margin_shift=1.0)
 

@@ -1,0 +1,9 @@
+"""Evaluation: run a model over question rows under image conditions, score it, report it.
+
+- :mod:`analyses.eval.predictions`: the predictions table (conditions, columns) and the run folder
+- :mod:`analyses.eval.evaluate`: ``EvalConfig``, ``evaluate`` (plan, encode, score, write; resumable)
+- :mod:`analyses.eval.metrics`: flip rate, text-only agreement, swap sensitivity, quadrants, ``summarize``
+- :mod:`analyses.eval.report`: text summary, plotly figures, ``report.html``
+
+Metric definitions: ``docs/metrics.md``.
+"""

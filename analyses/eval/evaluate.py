@@ -1,0 +1,227 @@
+"""The paraphrase-sensitivity evaluator: every question x every condition, batched, resumable.
+
+For each question row it computes the decision margin under up to four conditions
+(:data:`~analyses.eval.predictions.CONDITIONS`):
+
+- ``image``: the row's own image;
+- ``removed``: the image removed as configured (``EvalConfig.removal``, recorded in ``meta.json``);
+- ``swap_random``: the image of another patient, drawn at random (seeded);
+- ``swap_label``: the image of another patient whose ground truth for this finding is the opposite.
+
+Four steps: **plan** the (row, condition, image) work not yet in the run folder; **encode** each image
+once (vision tower + projector, :class:`hooks.features.ImageFeatureCache`) and reuse the features for
+all of its questions and conditions; **score** a batch with one forward pass; **write** the batch to
+``<out>/predictions.jsonl`` (:class:`~analyses.eval.predictions.RunFolder`). A killed run resumes where
+it stopped: finished (qid, condition) pairs are neither recomputed nor duplicated.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from analyses.data.schema import ImageSource, QuestionRow
+from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_hash, prediction_record
+from hooks.adapter import VLMAdapter
+from hooks.features import ImageFeatureCache
+from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What the evaluator runs (all recorded in the run's ``meta.json``)."""
+
+    conditions: tuple[Condition, ...] = CONDITIONS
+    """Which conditions to run, a subset of :data:`CONDITIONS` (``image`` is always run)."""
+    removal: RemovalKind = "gray"
+    """Image removal for the ``removed`` condition: one of gray, white, noise, none."""
+    batch_size: int = 64
+    """Rows per forward pass."""
+    seed: int = 0
+    """Seed of the swap partner draw (and of noise removal)."""
+    flush_every: int = 1
+    """Write results to disk every this many batches (1 = after every batch)."""
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown conditions {bad}; choose from {CONDITIONS}")
+        if "image" not in self.conditions:
+            object.__setattr__(self, "conditions", ("image", *self.conditions))
+        if self.removal not in REMOVALS:
+            raise ValueError(f"removal {self.removal!r} is not one of {REMOVALS}")
+        if self.batch_size < 1 or self.flush_every < 1:
+            raise ValueError("batch_size and flush_every must be >= 1")
+
+
+def swap_partners(rows: Sequence[QuestionRow], seed: int) -> dict[tuple[str, str], str | None]:
+    """For each (qid, kind) the image to swap in: another patient's image, random or label-controlled.
+
+    Partners are drawn per (image, finding), so every question about the same image and finding
+    gets the same partner; ``None`` when no valid partner exists (e.g. a single-patient set).
+    """
+    by_finding: dict[str, dict[str, tuple[str, bool]]] = {}
+    for r in rows:
+        label = r.ground_truth if r.polarity == 1 else not r.ground_truth
+        by_finding.setdefault(r.finding, {})[r.image_id] = (r.patient_id or r.image_id, label)
+    out: dict[tuple[str, str], str | None] = {}
+    cache: dict[tuple[str, str, str], str | None] = {}
+    for r in rows:
+        pool = by_finding[r.finding]
+        patient, label = pool[r.image_id]
+        for kind in ("swap_random", "swap_label"):
+            key = (r.image_id, r.finding, kind)
+            if key not in cache:
+                rng = random.Random(f"{seed}/{kind}/{r.image_id}/{r.finding}")
+                cands = sorted(
+                    i
+                    for i, (p, lab) in pool.items()
+                    if p != patient and (kind == "swap_random" or lab != label)
+                )
+                cache[key] = rng.choice(cands) if cands else None
+            out[(r.qid, kind)] = cache[key]
+    return out
+
+
+class WorkItem(NamedTuple):
+    """One prediction to make: a row under a condition, shown ``image_id`` (``None``: removed)."""
+
+    row: QuestionRow
+    condition: str
+    image_id: str | None
+
+
+def plan(rows: Sequence[QuestionRow], cfg: EvalConfig, finished: set[tuple[str, str]]) -> list[WorkItem]:
+    """Every (row, condition) not yet finished, grouped by condition then image so batches share a layout.
+
+    Swap conditions without a valid partner (see :func:`swap_partners`) are left out.
+    """
+    partners = swap_partners(rows, cfg.seed)
+    work: list[WorkItem] = []
+    for r in rows:
+        for cond in cfg.conditions:
+            if (r.qid, cond) in finished:
+                continue
+            img_id: str | None = r.image_id
+            if cond.startswith("swap"):
+                img_id = partners[(r.qid, cond)]
+                if img_id is None:
+                    continue
+            elif cond == "removed":
+                img_id = None
+            work.append(WorkItem(r, cond, img_id))
+    work.sort(key=lambda w: (w.condition, w.row.image_id))
+    return work
+
+
+class ImageInputs:
+    """Images and their features for the evaluator: each image loaded and encoded once.
+
+    An image that cannot be loaded is recorded in :attr:`skipped` (id -> error) and its rows are
+    left out, never silently scored. The removal replacement depends only on the image size, so it is
+    built and encoded once per size.
+    """
+
+    def __init__(self, adapter: VLMAdapter, source: ImageSource, removal: Removal) -> None:
+        self.source, self.removal = source, removal
+        self.features = ImageFeatureCache(adapter)
+        self.skipped: dict[str, str] = {}
+        self._pil: dict[str, Image.Image] = {}
+        self._removed: dict[tuple[int, int], Image.Image | None] = {}
+
+    def pil(self, image_id: str, row: QuestionRow | None = None) -> Image.Image | None:
+        """The image (``row`` lets a file-backed source use the row's path); ``None`` if unreadable."""
+        if image_id not in self._pil and image_id not in self.skipped:
+            try:
+                ref = row if row is not None and row.image_id == image_id else image_id
+                self._pil[image_id] = load_image(self.source(ref))
+            except (OSError, ValueError, KeyError) as err:
+                self.skipped[image_id] = f"{type(err).__name__}: {err}"
+        return self._pil.get(image_id)
+
+    def inputs(self, item: WorkItem) -> tuple[Image.Image | None, torch.Tensor | None] | None:
+        """(image shown, its features) for a work item; ``None`` if an image it needs is unreadable."""
+        own = self.pil(item.row.image_id, item.row)
+        if own is None:
+            return None
+        if item.condition == "removed":
+            if own.size not in self._removed:
+                self._removed[own.size] = self.removal.apply(own, 0)
+            rep = self._removed[own.size]
+            key = f"removed:{own.size[0]}x{own.size[1]}"
+            return rep, None if rep is None else self.features.get(key, rep)
+        assert item.image_id is not None
+        im = self.pil(item.image_id)
+        return None if im is None else (im, self.features.get(item.image_id, im))
+
+
+def score(adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs) -> list[str]:
+    """Margins of a batch of work items in one forward pass, as predictions.jsonl lines."""
+    kept: list[WorkItem] = []
+    shown: list[Image.Image | None] = []
+    feats: list[torch.Tensor] = []
+    for item in items:
+        got = images.inputs(item)
+        if got is None:
+            continue
+        kept.append(item)
+        shown.append(got[0])
+        if got[1] is not None:
+            feats.append(got[1])
+    if not kept:
+        return []
+    # only the prompt layout is needed from prepare; pixels come from the feature cache
+    batch = adapter.prepare(shown, [w.row.question for w in kept], [w.condition for w in kept])
+    with torch.no_grad():
+        m = adapter.margins(batch, image_features=torch.stack(feats) if feats else None).cpu().tolist()
+    return [prediction_record(w.row, w.condition, mi, w.image_id) for w, mi in zip(kept, m, strict=True)]
+
+
+def evaluate(
+    adapter: VLMAdapter,
+    rows: Sequence[QuestionRow],
+    images: ImageSource,
+    out_dir: Path | str,
+    config: EvalConfig | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) an evaluation; returns the predictions table (one row per qid x condition).
+
+    ``images(row_or_image_id)`` returns the PIL image; rows whose image cannot be loaded are
+    reported in ``skipped.json`` and left out (never silently scored). ``max_batches`` stops early
+    (used to test resuming).
+    """
+    cfg = config or EvalConfig()
+    run = RunFolder(out_dir)
+    removal = Removal(cfg.removal, seed=cfg.seed)
+    run.start(
+        {
+            **adapter.describe(),
+            "dataset_hash": dataset_hash(rows),
+            "n_rows": len(rows),
+            "removal": removal.label,
+            "eval_config": asdict(cfg),
+        }
+    )
+    work = plan(rows, cfg, run.finished())
+    inputs = ImageInputs(adapter, images, removal)
+    bar = tqdm(total=len(work), desc="eval", disable=not progress, unit="q")
+    with run.appender(cfg.flush_every) as out:
+        for n, start in enumerate(range(0, len(work), cfg.batch_size), 1):
+            chunk = work[start : start + cfg.batch_size]
+            out.add_batch(score(adapter, chunk, inputs))
+            bar.update(len(chunk))
+            if max_batches is not None and n >= max_batches:
+                break
+    bar.close()
+    run.write_skipped(inputs.skipped)
+    return run.predictions()

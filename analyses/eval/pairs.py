@@ -1,0 +1,91 @@
+"""(original, paraphrase) pairs: the unit of paraphrase patching and feature attribution.
+
+A pair is an original question and one of its answer-preserving paraphrases about the same image. The
+clean run asks the original, the corrupted run asks the paraphrase; a *flip pair* is one whose two
+predictions differ. Built here once, from rows or from an evaluator predictions table, so every
+notebook and analysis selects pairs the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import pandas as pd
+
+from analyses.data.schema import ORIGINAL, PARAPHRASE_FAMILIES, ImageSource, QuestionRow
+
+if TYPE_CHECKING:
+    from hooks.adapter import VLMAdapter
+    from hooks.batch import Batch
+
+
+class Pair(NamedTuple):
+    """An original question and one of its paraphrases, same image."""
+
+    original: QuestionRow
+    paraphrase: QuestionRow
+
+
+def _check_family(family: str | None) -> None:
+    if family is not None and family not in PARAPHRASE_FAMILIES:
+        raise ValueError(f"family {family!r} is not a paraphrase family; choose one of {PARAPHRASE_FAMILIES}")
+
+
+def paraphrase_pairs(
+    rows: Sequence[QuestionRow], family: str | None = None, ground_truth: bool | None = None
+) -> list[Pair]:
+    """Every (original, paraphrase) pair among ``rows``, in the order of the originals.
+
+    ``family`` keeps paraphrases of one family; ``ground_truth`` keeps pairs whose original has that
+    answer (e.g. ``True``: positive images, where a shortcut to "no" shows as a flip).
+    """
+    _check_family(family)
+    paras: dict[str, list[QuestionRow]] = {}
+    for r in rows:
+        if r.family in PARAPHRASE_FAMILIES and (family is None or r.family == family):
+            paras.setdefault(str(r.paraphrase_of), []).append(r)
+    return [
+        Pair(o, p)
+        for o in rows
+        if o.family == ORIGINAL and (ground_truth is None or o.ground_truth == ground_truth)
+        for p in paras.get(o.qid, [])
+    ]
+
+
+def flip_pairs(
+    preds: pd.DataFrame,
+    rows: Sequence[QuestionRow],
+    family: str | None = None,
+    ground_truth: bool | None = None,
+    condition: str = "image",
+) -> list[Pair]:
+    """The pairs whose predictions differ under ``condition`` in an evaluator predictions table.
+
+    Ordered as the paraphrase rows appear in ``preds``; rows missing from ``rows`` are refused.
+    """
+    _check_family(family)
+    by_qid = {r.qid: r for r in rows}
+    im = preds[preds["condition"] == condition]
+    orig_pred = im[im["family"] == ORIGINAL].set_index("qid")["pred"]
+    para = im[im["family"].isin([family] if family else list(PARAPHRASE_FAMILIES))]
+    para = para[para["paraphrase_of"].isin(orig_pred.index)]
+    if ground_truth is not None:
+        para = para[para["ground_truth"] == ground_truth]
+    flipped = para[para["pred"].to_numpy() != orig_pred.loc[para["paraphrase_of"]].to_numpy()]
+    missing = sorted(set(flipped["qid"]) - set(by_qid) | set(flipped["paraphrase_of"]) - set(by_qid))
+    if missing:
+        raise ValueError(
+            f"predictions name rows not in `rows`: {missing[:5]}; pass the rows that were evaluated"
+        )
+    return [Pair(by_qid[o], by_qid[q]) for q, o in zip(flipped["qid"], flipped["paraphrase_of"], strict=True)]
+
+
+def pair_batches(adapter: VLMAdapter, pairs: Sequence[Pair], images: ImageSource) -> tuple[Batch, Batch]:
+    """(clean, corrupt) batches: the originals and the paraphrases, each on its pair's image."""
+    if not pairs:
+        raise ValueError("no pairs: pass at least one (original, paraphrase) pair")
+    shown = [images(p.original) for p in pairs]
+    clean = adapter.prepare(shown, [p.original.question for p in pairs])
+    corrupt = adapter.prepare(shown, [p.paraphrase.question for p in pairs])
+    return clean, corrupt

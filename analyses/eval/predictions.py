@@ -1,0 +1,155 @@
+"""The predictions table and the run folder that holds it.
+
+A *predictions table* has one row per (question row, condition): the
+:class:`~analyses.data.schema.QuestionRow` fields plus ``condition`` (one of :data:`CONDITIONS`),
+``margin`` (logit(yes) - logit(no)), ``pred`` (``margin > 0``) and ``swap_image_id`` on swap rows.
+
+A *run folder* holds ``meta.json`` (what produced the run: model, answer ids, prompt, dataset hash,
+removal, evaluator config), ``predictions.jsonl`` (appended and fsynced as batches finish, so a killed
+run loses at most one batch and resumes where it stopped) and ``skipped.json`` (images that could not
+be read). A folder is only ever resumed with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from analyses.data.schema import QuestionRow
+
+Condition = Literal["image", "removed", "swap_random", "swap_label"]
+#: Conditions a prediction can be made under: the row's own image, the image removed (how is recorded
+#: in meta.json), another patient's image at random, another patient's image with the opposite label.
+CONDITIONS: tuple[Condition, ...] = ("image", "removed", "swap_random", "swap_label")
+#: ``swap_sensitivity(kind=...)`` -> condition.
+SWAP_CONDITIONS: dict[str, Condition] = {"random": "swap_random", "label": "swap_label"}
+#: Columns every predictions table must have.
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "qid", "image_id", "question", "family", "paraphrase_of", "polarity", "ground_truth", "finding",
+    "split", "condition", "margin", "pred",
+)  # fmt: skip
+META_FILE, PREDICTIONS_FILE, SKIPPED_FILE = "meta.json", "predictions.jsonl", "skipped.json"
+
+
+def dataset_hash(rows: Sequence[QuestionRow]) -> str:
+    """Content hash of the question rows (order-independent)."""
+    h = hashlib.sha256()
+    for line in sorted(json.dumps(r.to_dict(), sort_keys=True, default=str) for r in rows):
+        h.update(line.encode())
+    return h.hexdigest()[:16]
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """Load a predictions.jsonl, dropping a torn last line and duplicate (qid, condition) entries."""
+    records = []
+    if path.exists():
+        with path.open() as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: its rows are recomputed on resume
+    df = pd.DataFrame.from_records(records)
+    if len(df):
+        df = df.drop_duplicates(["qid", "condition"], keep="first").reset_index(drop=True)
+    return df
+
+
+def prediction_record(row: QuestionRow, condition: str, margin: float, image_id: str | None) -> str:
+    """One predictions.jsonl line (without the newline)."""
+    rec = {**row.to_dict(), "condition": condition, "margin": margin, "pred": margin > 0}
+    rec["swap_image_id"] = image_id if condition.startswith("swap") else None
+    rec.pop("meta", None)
+    return json.dumps(rec)
+
+
+class RunFolder:
+    """A run folder: refuses to mix runs, and appends predictions so that a kill loses at most a batch."""
+
+    def __init__(self, out_dir: Path | str) -> None:
+        self.path = Path(out_dir)
+        self.meta_path = self.path / META_FILE
+        self.predictions_path = self.path / PREDICTIONS_FILE
+
+    def start(self, meta: dict[str, Any]) -> None:
+        """Write ``meta.json``, or check that the one there describes the same run (``started`` aside)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.meta_path.exists():
+            old = json.loads(self.meta_path.read_text())
+            diff = {
+                k
+                for k in meta
+                if k != "started" and old.get(k) != json.loads(json.dumps(meta[k], default=str))
+            }
+            if diff:
+                raise ValueError(
+                    f"{self.path} holds a run with different {sorted(diff)}; resume with the same settings "
+                    "or pass a new out_dir"
+                )
+        else:
+            meta = {**meta, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self.meta_path.write_text(json.dumps(meta, indent=1, default=str))
+
+    def finished(self) -> set[tuple[str, str]]:
+        """(qid, condition) pairs already in ``predictions.jsonl`` (a torn last line is cut first)."""
+        self._drop_torn_tail()
+        done = read_predictions(self.predictions_path)
+        return set(zip(done["qid"], done["condition"], strict=True)) if len(done) else set()
+
+    def predictions(self) -> pd.DataFrame:
+        return read_predictions(self.predictions_path)
+
+    @contextmanager
+    def appender(self, flush_every: int = 1) -> Iterator[_Appender]:
+        """Append lines to ``predictions.jsonl``; written and fsynced every ``flush_every`` batches."""
+        with self.predictions_path.open("a") as fh:
+            app = _Appender(fh, flush_every)
+            try:
+                yield app
+            finally:
+                app.flush(sync=False)
+
+    def write_skipped(self, skipped: dict[str, str]) -> None:
+        """Record the images that could not be read (image id -> error), if any."""
+        if skipped:
+            payload = {"count": len(skipped), "images": skipped}
+            (self.path / SKIPPED_FILE).write_text(json.dumps(payload, indent=1))
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line that a kill left without its newline, so appends start on a fresh line."""
+        path = self.predictions_path
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+class _Appender:
+    def __init__(self, fh: Any, flush_every: int) -> None:
+        self.fh, self.flush_every = fh, flush_every
+        self.buffer: list[str] = []
+        self.n_batches = 0
+
+    def add_batch(self, lines: list[str]) -> None:
+        self.buffer.extend(lines)
+        self.n_batches += 1
+        if self.n_batches % self.flush_every == 0:
+            self.flush(sync=True)
+
+    def flush(self, sync: bool) -> None:
+        if self.buffer:
+            self.fh.write("\n".join(self.buffer) + "\n")
+            self.fh.flush()
+            if sync:
+                os.fsync(self.fh.fileno())
+            self.buffer.clear()

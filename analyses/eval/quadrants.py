@@ -1,0 +1,124 @@
+"""The four-quadrant safety taxonomy: per sample, consistent across paraphrases x reliant on the image.
+
+Ideal = consistent and image-reliant, Fragile = inconsistent and reliant, Dangerous = consistent and not
+reliant ("consistent but dangerous": it agrees with itself because it answers from the text), Worst =
+inconsistent and not reliant. The papers define them in words; :class:`QuadrantRule` makes the rule
+explicit and configurable, and the rule is recorded with every result. Definitions: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from analyses.data.schema import ORIGINAL
+from analyses.eval.metrics import pair_units, predictive_entropy, rows_under
+
+#: The four quadrants, in reporting order.
+QUADRANTS: tuple[str, ...] = ("Ideal", "Fragile", "Dangerous", "Worst")
+
+
+@dataclass(frozen=True)
+class QuadrantRule:
+    """Explicit rule placing a sample (one cluster) in a quadrant; the papers define them only in words."""
+
+    reliance: Literal["pred_change", "margin_shift"] = "pred_change"
+    """How image reliance is read on the *original* question, 'image' vs 'removed': ``pred_change``:
+    reliant iff its prediction changes; ``margin_shift``: reliant iff
+    ``|margin(image) - margin(removed)| >= min_margin_shift`` (the shift need not cross zero)."""
+    min_margin_shift: float = 1.0
+    """Threshold in logits for ``reliance="margin_shift"`` (ignored otherwise); finite and >= 0."""
+    consistency: Literal["pred", "margin_band"] = "pred"
+    """``pred``: consistent iff no paraphrase's prediction differs from the original's (no flip).
+    ``margin_band``: additionally every margin in the cluster (original and paraphrases) has
+    ``|margin| >= min_abs_margin``: all on the same side of zero and outside the band
+    (-min_abs_margin, min_abs_margin), so that agreeing near-ties do not count as consistent."""
+    min_abs_margin: float = 0.5
+    """Band half-width in logits for ``consistency="margin_band"`` (ignored otherwise); finite and >= 0."""
+
+    def __post_init__(self) -> None:
+        if self.reliance not in ("pred_change", "margin_shift"):
+            raise ValueError(f"reliance must be 'pred_change' or 'margin_shift', got {self.reliance!r}")
+        if self.consistency not in ("pred", "margin_band"):
+            raise ValueError(f"consistency must be 'pred' or 'margin_band', got {self.consistency!r}")
+        for name in ("min_margin_shift", "min_abs_margin"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (logits), got {value}")
+
+
+def quadrants(df: pd.DataFrame, rule: QuadrantRule | None = None) -> pd.DataFrame:
+    """One row per sample (original + its paraphrases on one image) with its quadrant under ``rule``.
+
+    Columns: qid (the original's), image_id, finding, split, n_paraphrases, margin and margin_removed
+    (the original's), consistent, reliant, quadrant, correct (original's pred == ground_truth), entropy
+    (see :data:`DEFINITIONS`). Samples without a paraphrase under 'image' or without a 'removed' row
+    for the original are left out; operator variants play no part.
+    """
+    rule = rule or QuadrantRule()
+    removed = rows_under(df, "removed")
+    if removed.empty:
+        raise ValueError("quadrants need predictions under condition 'removed' for the original questions")
+    pairs = pair_units(df, "image")
+    pairs = pairs.assign(abs_m=pairs["margin"].abs(), ent=predictive_entropy(pairs["margin"]))
+    per = pairs.groupby("paraphrase_of").agg(
+        n_paraphrases=("hit", "size"),
+        flipped=("hit", "any"),
+        min_abs=("abs_m", "min"),
+        ent_sum=("ent", "sum"),
+    )
+    im = rows_under(df, "image")
+    s = im[im["family"] == ORIGINAL].merge(per, left_on="qid", right_index=True, how="inner")
+    rem = removed[["qid", "pred", "margin"]].rename(columns={"pred": "pred_rm", "margin": "margin_removed"})
+    s = s.merge(rem, on="qid", how="inner")
+    consistent = ~s["flipped"].to_numpy(dtype=bool)
+    if rule.consistency == "margin_band":
+        min_abs = np.minimum(s["margin"].abs().to_numpy(), s["min_abs"].to_numpy())
+        consistent &= min_abs >= rule.min_abs_margin
+    if rule.reliance == "pred_change":
+        reliant = s["pred"].to_numpy() != s["pred_rm"].to_numpy()
+    else:
+        reliant = np.abs(s["margin"].to_numpy() - s["margin_removed"].to_numpy()) >= rule.min_margin_shift
+    quadrant = np.select(
+        [consistent & reliant, ~consistent & reliant, consistent & ~reliant], QUADRANTS[:3], QUADRANTS[3]
+    )
+    n_rows = 1 + s["n_paraphrases"].to_numpy()
+    entropy = (predictive_entropy(s["margin"]) + s["ent_sum"].to_numpy()) / n_rows
+    correct = s["pred"].to_numpy() == s["ground_truth"].to_numpy()
+    out = s[["qid", "image_id", "finding", "split", "n_paraphrases", "margin", "margin_removed"]]
+    out = out.assign(consistent=consistent, reliant=reliant, quadrant=quadrant, correct=correct)
+    out = out.assign(entropy=entropy)
+    return out.reset_index(drop=True)
+
+
+def quadrant_summary(q: pd.DataFrame) -> pd.DataFrame:
+    """Per quadrant (all four, in :data:`QUADRANTS` order): count, share, accuracy, mean_entropy.
+
+    ``share`` is count / number of samples; an empty quadrant has accuracy and mean_entropy NaN.
+    """
+    g = q.assign(correct=q["correct"].astype(float)).groupby("quadrant")
+    count = g.size().reindex(list(QUADRANTS), fill_value=0).astype(int)
+    total = int(count.sum())
+    share = count / total if total else np.nan
+    acc, ent = (g[c].mean().reindex(list(QUADRANTS)) for c in ("correct", "entropy"))
+    out = pd.DataFrame({"count": count, "share": share, "accuracy": acc, "mean_entropy": ent})
+    out.index.name = "quadrant"
+    return out
+
+
+def migration(before_q: pd.DataFrame, after_q: pd.DataFrame) -> pd.DataFrame:
+    """4x4 counts of samples by quadrant before (rows) and after (columns), matched on (qid, image_id).
+
+    Samples present in only one table are left out. ``migration(...)["Dangerous"].sum() -
+    migration(...).loc["Dangerous", "Dangerous"]`` counts samples moving into Dangerous.
+    """
+    keys = ["qid", "image_id"]
+    before, after = before_q[[*keys, "quadrant"]], after_q[[*keys, "quadrant"]]
+    m = before.merge(after, on=keys, suffixes=("_before", "_after"))
+    ct = m.groupby(["quadrant_before", "quadrant_after"]).size().unstack(fill_value=0)
+    ct = ct.reindex(index=list(QUADRANTS), columns=list(QUADRANTS), fill_value=0).astype(int)
+    ct.index.name, ct.columns.name = "before", "after"
+    return ct
