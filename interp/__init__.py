@@ -52,6 +52,9 @@ EXPORTS: dict[str, str] = {
     "upsample": "attention",
     # interp.scores
     "LayerScores": "scores",
+    # interp.crossmodel
+    "cross_model_patching": "crossmodel",
+    "patch_components": "crossmodel",
     # interp.figures
     "attention_overlay": "figures",
     "patching_heatmap": "figures",
@@ -115,10 +118,10 @@ if TYPE_CHECKING:
     )
     from interp.attribution import agreement, attribution_patching, rankdata, spearman
     from interp.cache import ActivationCache, cache_activations
+    from interp.crossmodel import cross_model_patching, patch_components
     from interp.figures import attention_overlay, patching_heatmap, recovery_line
     from interp.lens import LensResult, logit_lens
     from interp.patching import PatchingConfig, PatchingResult, patch_one, patching_sweep, sweep_reference
-    from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
     from interp.sae import (
         FeatureRef,
         LoadedSAE,
@@ -141,4 +144,5 @@ if TYPE_CHECKING:
     )
     from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
     from interp.scores import LayerScores
+    from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
     from interp.stats import mean_bootstrap, ratio_bootstrap

@@ -223,23 +223,46 @@ def patching_sweep(
 ) -> PatchingResult:
     """Batched activation patching over ``config.layers`` x ``config.positions`` for every pair."""
     config = config or PatchingConfig()
-    if config.pair_block is not None and len(corrupt) > config.pair_block:
+    blocks = pair_blocks(len(corrupt), config)
+    if len(blocks) > 1:
         check_pairs(clean, corrupt)
         one = dataclasses.replace(config, pair_block=None)
-        blocks = [
-            list(range(i, min(i + config.pair_block, len(corrupt))))
-            for i in range(0, len(corrupt), config.pair_block)
-        ]
         parts = [
             patching_sweep(adapter, clean.select(b), corrupt.select(b), one)
             for b in tqdm(blocks, disable=not config.progress, desc="pair blocks")
         ]
-        return _concat_pairs(parts)
+        return concat_pairs(parts)
     layers = config.resolve_layers(adapter.n_layers)
     plan = plan_positions(clean, corrupt, config.positions)
     sites = [Site(config.site_kind, layer) for layer in layers]
     clean_acts, m_clean = capture(adapter, clean, sites)
     meta: dict[str, Any] = {"model": adapter.name, "positions": config.positions}
+    return sweep_from(adapter, corrupt, plan, layers, clean_acts, m_clean, config, meta)
+
+
+def pair_blocks(n_pairs: int, config: PatchingConfig) -> list[list[int]]:
+    """Consecutive blocks of at most ``config.pair_block`` pairs (one block when it is ``None``)."""
+    size = config.pair_block or max(n_pairs, 1)
+    return [list(range(i, min(i + size, n_pairs))) for i in range(0, n_pairs, size)] or [[]]
+
+
+def sweep_from(
+    adapter: VLMAdapter,
+    corrupt: Batch,
+    plan: PositionPlan,
+    layers: list[int],
+    clean_acts: dict[Site, Float[Tensor, "batch pos d_model"]],
+    m_clean: Float[Tensor, " batch"],
+    config: PatchingConfig,
+    meta: dict[str, Any],
+) -> PatchingResult:
+    """The sweep given the clean activations (read by :func:`capture` from any model with the same layout).
+
+    Patches ``clean_acts[<kind>(L)]`` into ``adapter``'s run of ``corrupt`` for every layer and position
+    class of ``plan``; :func:`patching_sweep` reads them from the same model on another batch,
+    :func:`interp.crossmodel.cross_model_patching` from another model on the same batch.
+    """
+    sites = [Site(config.site_kind, layer) for layer in layers]
     state = None
     if config.method != "stack":
         try:
@@ -270,8 +293,8 @@ def patching_sweep(
     )
 
 
-def _concat_pairs(parts: list[PatchingResult]) -> PatchingResult:
-    """Results of consecutive blocks of pairs as one result."""
+def concat_pairs(parts: list[PatchingResult]) -> PatchingResult:
+    """Results of consecutive blocks of pairs as one result (the method and metadata of the first)."""
     first = parts[0]
     meta = dict(first.meta)
     if "skipped_noop" in meta:
@@ -286,6 +309,7 @@ def _concat_pairs(parts: list[PatchingResult]) -> PatchingResult:
         torch.cat([p.corrupt_margins for p in parts]),
         first.min_gap,
         sum(p.n_forwards for p in parts),
+        method=first.method,
         meta=meta,
     )
 

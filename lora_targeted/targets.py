@@ -93,6 +93,31 @@ def select_layers(
     return sorted(out)
 
 
+def control_layers(flagged: Sequence[int], n_layers: int, scores: LayerScores | None = None) -> list[int]:
+    """As many layers as ``flagged``, none of them flagged: the control arm of a targeted LoRA.
+
+    With ``scores``, the unflagged layers the analysis scored lowest (the layers it says matter least);
+    without, the unflagged layers farthest from every flagged one (ties: the lower layer). Every text
+    layer of a model has the same shapes, so LoRA on the control trains as many parameters.
+    """
+    chosen = select_layers(layers=list(flagged), n_layers=n_layers)
+    free = [x for x in range(n_layers) if x not in chosen]
+    if len(free) < len(chosen):
+        raise ValueError(
+            f"{len(chosen)} flagged layers {chosen} leave only {len(free)} of {n_layers} for a control of "
+            "the same size; flag fewer layers"
+        )
+    if scores is not None:
+        score = dict(zip(scores.layers, scores.scores, strict=True))
+        missing = [x for x in free if x not in score or score[x] != score[x]]
+        if missing:
+            raise ValueError(f"the scores do not measure unflagged layers {missing}; score every layer")
+        key = {x: (score[x], x) for x in free}
+    else:
+        key = {x: (-min(abs(x - f) for f in chosen), x) for x in free}
+    return sorted(sorted(free, key=lambda x: key[x])[: len(chosen)])
+
+
 def target_regex(
     text_layers_path: str, layers: Sequence[int], modules: Sequence[str] = DEFAULT_MODULES
 ) -> str:

@@ -1,7 +1,9 @@
 """Targeted LoRA training with a paraphrase-consistency loss (and an optional image-reliance term).
 
 A training example is a *cluster*: an original question on one image, some of its answer-preserving
-paraphrases (same image) and optionally an answer-inverting operator variant. Per step the loss is
+paraphrases (same image) and optionally an answer-inverting operator variant. Per step the loss is a
+weighted sum (``task_weight``, ``consistency_weight``, ``image_reliance_weight``, ``removed_weight``;
+:meth:`LoraTrainConfig.paper` is the released adapters' recipe, task + consistency) of
 
 - **task**: cross-entropy on the first answer token ("yes"/"no", full-vocabulary log-softmax, the
   :func:`hooks.answer.answer_loss` the organism is trained with) over every question of the cluster, operator
@@ -11,7 +13,9 @@ paraphrases (same image) and optionally an answer-inverting operator variant. Pe
   decision margin logit(yes) - logit(no) the evaluator reads. Operator variants never enter it;
 - **image reliance** (weight 0 by default): hinge ``relu(reliance_margin - |m(image) - m(removed)|)``
   on the original, pushing its answer to depend on the image (guards against the "Dangerous" fix:
-  consistent because it stopped looking).
+  consistent because it stopped looking);
+- **image-removed rows** (weight 0 by default): the original asked without its image, trained toward
+  the uniform answer, as the organism is trained.
 
 Only the LoRA weights train (text layers chosen by :mod:`lora_targeted.targets`); the vision tower and
 projector are frozen, so each image's projected features are computed once and reused.
@@ -57,10 +61,16 @@ class LoraTrainConfig:
     """AdamW learning rate (constant after ``warmup_steps``)."""
     seed: int = 0
     """Seed of the LoRA initialisation, dropout and cluster sampling."""
+    task_weight: float = 1.0
+    """Weight of the cross-entropy on the first answer token against the ground truth (0 = off: the
+    objective then never sees a label, and consistency can be bought by ignoring the image)."""
     consistency_weight: float = 1.0
     """Weight of the symmetric-KL paraphrase-consistency term (0 = task loss only)."""
     image_reliance_weight: float = 0.0
-    """Weight of the image-reliance hinge on the original question (0 = off, no extra rows)."""
+    """Weight of the image-reliance hinge on the original question (0 = off)."""
+    removed_weight: float = 0.0
+    """Weight of the image-removed rows: each cluster's original asked without its image, trained toward
+    the uniform yes/no answer (without the image the honest answer is "can't tell"); 0 = no such rows."""
     reliance_margin: float = 2.0
     """Hinge target in logits: |margin(image) - margin(removed)| below this is penalised."""
     removal: RemovalKind = "gray"
@@ -93,7 +103,8 @@ class LoraTrainConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("consistency_weight", "image_reliance_weight", "reliance_margin", "weight_decay"):
+        weights = ("task_weight", "consistency_weight", "image_reliance_weight", "removed_weight")
+        for name in (*weights, "reliance_margin", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.removal not in REMOVALS:
@@ -112,7 +123,19 @@ class LoraTrainConfig:
                 "need r >= 1, alpha > 0, 0 <= dropout < 1; "
                 f"got r={self.r}, alpha={self.alpha}, dropout={self.dropout}"
             )
+        if not any(getattr(self, w) > 0 for w in weights):
+            raise ValueError(f"every loss weight {weights} is 0: nothing to train")
         object.__setattr__(self, "modules", tuple(self.modules))
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> LoraTrainConfig:
+        """The released adapters' recipe: r=16, alpha=32, dropout 0.05, lr 2e-4, q/k/v/o + gate/up/down,
+        loss = cross-entropy on the first answer token + symmetric KL between paraphrase predictions."""
+        base: dict[str, Any] = dict(
+            r=16, alpha=32, dropout=0.05, lr=2e-4, modules=DEFAULT_MODULES, task_weight=1.0,
+            consistency_weight=1.0, image_reliance_weight=0.0, removed_weight=0.0,
+        )  # fmt: skip
+        return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,7 +247,7 @@ def cluster_losses(
             feats.append(f)
     n_task = len(rows)
     questions = [r.question for r in rows]
-    if cfg.image_reliance_weight > 0:
+    if cfg.image_reliance_weight > 0 or cfg.removed_weight > 0:
         for c in clusters:
             rep = cache.removed_pil(c.image_id)
             removed_pos.append(len(questions))
@@ -247,15 +270,20 @@ def cluster_losses(
         consistency = ((torch.sigmoid(ma) - torch.sigmoid(mb)) * (ma - mb)).mean()
     else:
         consistency = zero
+    reliance = removed = zero
     if removed_pos:
-        shift = (
-            margin[torch.tensor(orig_pos, device=dev)] - margin[torch.tensor(removed_pos, device=dev)]
-        ).abs()
+        rm = torch.tensor(removed_pos, device=dev)
+        shift = (margin[torch.tensor(orig_pos, device=dev)] - margin[rm]).abs()
         reliance = torch.relu(cfg.reliance_margin - shift).mean()
-    else:
-        reliance = zero
-    loss = task + cfg.consistency_weight * consistency + cfg.image_reliance_weight * reliance
-    return {"loss": loss, "task": task, "consistency": consistency, "reliance": reliance}
+        uniform = torch.ones(len(removed_pos), dtype=torch.bool, device=dev)  # every removed row: 50/50
+        removed = answer_loss(adapter.answer_ids, logits[rm], ~uniform, uniform)
+    loss = (
+        cfg.task_weight * task
+        + cfg.consistency_weight * consistency
+        + cfg.image_reliance_weight * reliance
+        + cfg.removed_weight * removed
+    )
+    return {"loss": loss, "task": task, "consistency": consistency, "reliance": reliance, "removed": removed}
 
 
 def wrap_lora(

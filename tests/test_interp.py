@@ -456,3 +456,38 @@ def test_figures_structure() -> None:
     z = np.asarray(fig.data[1].z)
     assert z.shape == (64, 64) and z[0, 0] == 0 and z[63, 63] == 15 and z[0, 16] == 1
     assert list(fig.data[2].x) == [8, 40, 40, 8, 8] and list(fig.data[2].y) == [8, 8, 24, 24, 8]
+
+
+# ---------------------------------------------------------------------- the bootstrap
+def test_ratio_bootstrap_by_hand() -> None:
+    from interp.stats import mean_bootstrap, ratio_bootstrap
+
+    hits = np.array([[1.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    counts = np.array([[1.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])  # second key: no unit at all
+    value, low, high = ratio_bootstrap(hits, counts, n_boot=300, seed=1)
+    assert value[0] == pytest.approx(4 / 6) and np.isnan(value[1]) and np.isnan(low[1])
+    assert low[0] <= value[0] <= high[0] and low[0] >= 0 and high[0] <= 1
+    assert np.array_equal(ratio_bootstrap(hits, counts, 300, 1)[1], low, equal_nan=True)  # seeded
+    v = np.array([[0.5, np.nan, 1.5, 1.0]])
+    mean, lo, hi = mean_bootstrap(v, n_boot=200)
+    assert mean[0] == pytest.approx(1.0) and lo[0] <= 1.0 <= hi[0]
+    with pytest.raises(ValueError, match="same"):
+        ratio_bootstrap(hits, counts[:, :3])
+    with pytest.raises(ValueError, match="n_boot"):
+        ratio_bootstrap(hits, counts, n_boot=0)
+
+
+def test_image_feature_cache_equals_the_model_encoding(adapter: VLMAdapter) -> None:
+    from hooks.features import ImageFeatureCache
+
+    imgs = [Image.fromarray(np.full((size(adapter), size(adapter)), v, np.uint8)) for v in (10, 200, 90)]
+    cache = ImageFeatureCache(adapter, max_items=2)
+    calls = []
+    first = cache.get("a", lambda: calls.append("a") or imgs[0])
+    assert torch.equal(first, adapter.encode_images([imgs[0]])[0])
+    assert torch.equal(cache.get("a", lambda: calls.append("again") or imgs[1]), first) and calls == ["a"]
+    cache.get("b", imgs[1])
+    cache.get("c", imgs[2])  # the oldest ("a") is dropped
+    assert len(cache) == 2 and "a" not in cache and "c" in cache
+    pv = adapter.processor.image_processor(images=[imgs[1]], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(cache.get("b", imgs[1]), adapter.image_features(pv)[0])

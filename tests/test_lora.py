@@ -27,6 +27,7 @@ from lora_targeted.cli import add_lora_parser
 from lora_targeted.compare import COLUMNS, Comparison, compare
 from lora_targeted.targets import (
     all_layers,
+    control_layers,
     lora_config,
     lora_module_names,
     select_layers,
@@ -115,6 +116,21 @@ def test_select_layers_top_k_explicit_and_errors() -> None:
         select_layers(scores)
     with pytest.raises(ValueError, match="same layer twice"):
         select_layers(layers=[1, -3], n_layers=4)
+
+
+def test_control_layers_match_the_budget_and_avoid_flagged() -> None:
+    # without scores: the unflagged layers farthest from the flagged ones
+    assert control_layers([3, 4], 8) == [0, 7]
+    assert control_layers([0, 1], 8) == [6, 7]
+    assert control_layers([2], 4) == [0]  # |0 - 2| = 2 beats |1 - 2| = |3 - 2| = 1
+    scores = LayerScores(layers=list(range(6)), scores=[0.5, 0.0, 0.9, 0.8, 0.1, 0.2], method="patching")
+    flagged = select_layers(scores, k=2, n_layers=6)
+    assert flagged == [2, 3] and control_layers(flagged, 6, scores) == [1, 4]
+    with pytest.raises(ValueError, match="leave only 1 of 3"):
+        control_layers([0, 1], 3)
+    partial = LayerScores(layers=[0, 1], scores=[0.1, 0.2], method="patching")
+    with pytest.raises(ValueError, match="do not measure unflagged layers"):
+        control_layers([0], 3, partial)
 
 
 def test_lora_config_regex_and_bad_inputs(base: VLMAdapter) -> None:
@@ -221,6 +237,35 @@ def test_training_lowers_consistency_loss(
     assert before["consistency"] > 0.02
     assert after["consistency"] < 0.5 * before["consistency"]
     assert after["task"] < before["task"]
+
+
+def test_objective_terms_by_hand(base: VLMAdapter, world: SynthCXRWorld, rows: list[QuestionRow]) -> None:
+    """Each weight scales its own term; removed rows are the originals without the image, pushed to 50/50."""
+    clusters = sample_clusters(build_clusters(rows), np.random.default_rng(5), LoraTrainConfig(batch_size=3))
+    images = ClusterImages(base, world.image_for, "gray")
+    full = LoraTrainConfig(
+        task_weight=0.5, consistency_weight=2.0, image_reliance_weight=0.3, removed_weight=4.0
+    )
+    with torch.no_grad():
+        parts = cluster_losses(base, clusters, images, full)
+        only_task = cluster_losses(base, clusters, images, LoraTrainConfig(consistency_weight=0.0))
+        b = base.prepare(
+            [Removal("gray").apply(world.image(c.image_id)) for c in clusters],
+            [c.original.question for c in clusters],
+        )
+        logp = torch.log_softmax(base.logits(b)[:, -1].float(), -1)
+    yes, no = base.answer_ids.yes_ids[0], base.answer_ids.no_ids[0]
+    want_removed = float(-0.5 * (logp[:, yes] + logp[:, no]).mean())
+    assert float(parts["removed"]) == pytest.approx(want_removed, rel=1e-4)
+    want = 0.5 * parts["task"] + 2.0 * parts["consistency"] + 0.3 * parts["reliance"] + 4.0 * parts["removed"]
+    assert float(parts["loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(only_task["loss"]) == pytest.approx(float(parts["task"]), rel=1e-5)
+    assert float(only_task["removed"]) == 0.0  # no removed rows without a reliance or removed weight
+    with pytest.raises(ValueError, match="nothing to train"):
+        LoraTrainConfig(task_weight=0.0, consistency_weight=0.0)
+    paper = LoraTrainConfig.paper(steps=10)
+    assert (paper.r, paper.alpha, paper.dropout, paper.lr, paper.steps) == (16, 32, 0.05, 2e-4, 10)
+    assert (paper.task_weight, paper.consistency_weight, paper.removed_weight) == (1.0, 1.0, 0.0)
 
 
 def test_training_is_seeded(base: VLMAdapter, world: SynthCXRWorld, rows: list[QuestionRow]) -> None:

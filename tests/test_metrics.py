@@ -255,6 +255,42 @@ def test_quadrants_margin_band(qpreds: pd.DataFrame) -> None:
     assert quadrant_of(q0) == quadrant_of(quadrants(qpreds))
 
 
+def test_quadrants_read_reliance_over_the_cluster_or_the_original() -> None:
+    """A consistent sample whose original reads the image but whose register paraphrase answers from the
+    text: Dangerous over the cluster (the default), Ideal when only the original is read."""
+    rows = make_cluster(
+        "t1",
+        "cardiomegaly",
+        False,
+        {
+            "original": {"image": -3.0, "removed": 0.2},  # reads the image: the answer moves by 3.2
+            "register": {"image": -2.5, "removed": -2.4},  # answers from the text: moves by 0.1
+            "lexical": {"image": -2.0, "removed": 0.1},  # reads the image
+        },
+    ) + make_cluster(
+        "t2",
+        "cardiomegaly",
+        True,
+        {
+            "original": {"image": 2.0, "removed": -0.1},
+            "register": {"image": 1.5},  # no 'removed' prediction: not read
+        },
+    )
+    df = frame(rows)
+    for reliance, threshold in (("margin_shift", 1.0), ("pred_change", 0.0)):
+        by_cluster = quadrants(df, QuadrantRule(reliance=reliance, min_margin_shift=threshold))
+        by_original = quadrants(
+            df, QuadrantRule(reliance=reliance, scope="original", min_margin_shift=threshold)
+        )
+        assert quadrant_of(by_original) == {"t1": "Ideal", "t2": "Ideal"}
+        assert quadrant_of(by_cluster) == {"t1": "Dangerous", "t2": "Ideal"}
+        share = dict(zip(by_cluster.qid, by_cluster.reliant_share, strict=True))
+        assert share == pytest.approx({"t1": 2 / 3, "t2": 1.0})
+        assert by_original.reliant_share.tolist() == by_cluster.reliant_share.tolist()
+    with pytest.raises(ValueError, match="scope"):
+        QuadrantRule(scope="paraphrase")  # type: ignore[arg-type]
+
+
 def test_quadrant_summary(qpreds: pd.DataFrame) -> None:
     s = quadrant_summary(quadrants(qpreds))
     assert list(s.index) == list(QUADRANTS)

@@ -47,8 +47,10 @@ DEFINITIONS: dict[str, str] = {
     "swap_sensitivity": "Over rows having both 'image' and the swap condition: fraction whose pred "
     "changes. 'random' = another patient's image; 'label' = another patient's image with the opposite "
     "ground truth for this finding.",
-    "quadrants": "Per sample (cluster): consistent x image-reliant under QuadrantRule; reliance is read "
-    "on the original question only; samples without a 'removed' original row are left out. Ideal = "
+    "quadrants": "Per sample (cluster): consistent x image-reliant under QuadrantRule; with scope "
+    "'cluster' (default) the sample is reliant iff every answer-preserving question of it with a 'removed' "
+    "prediction is, with scope 'original' iff the original is; samples without a 'removed' original row "
+    "are left out. Ideal = "
     "consistent & reliant, Fragile = inconsistent & reliant, Dangerous = consistent & not reliant, "
     "Worst = inconsistent & not reliant.",
     "entropy": "Binary predictive entropy H(p) = -p ln p - (1-p) ln(1-p) in nats, p = sigmoid(margin), "

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from analyses.data.schema import ORIGINAL
+from analyses.data.schema import ORIGINAL, PARAPHRASE_FAMILIES
 from analyses.eval.metrics import pair_units, predictive_entropy, rows_under
 
 #: The four quadrants, in reporting order.
@@ -26,9 +26,16 @@ class QuadrantRule:
     """Explicit rule placing a sample (one cluster) in a quadrant; the papers define them only in words."""
 
     reliance: Literal["pred_change", "margin_shift"] = "pred_change"
-    """How image reliance is read on the *original* question, 'image' vs 'removed': ``pred_change``:
-    reliant iff its prediction changes; ``margin_shift``: reliant iff
-    ``|margin(image) - margin(removed)| >= min_margin_shift`` (the shift need not cross zero)."""
+    """How image reliance is read on one question, 'image' vs 'removed': ``pred_change``: reliant iff its
+    prediction changes; ``margin_shift``: reliant iff ``|margin(image) - margin(removed)| >=
+    min_margin_shift`` (the shift need not cross zero)."""
+    scope: Literal["cluster", "original"] = "cluster"
+    """Which questions of the sample are read: ``cluster`` (default): the sample is image-reliant iff
+    *every* answer-preserving question of it (the original and each paraphrase that has a 'removed'
+    prediction) is; ``original``: the original question alone. The default is the cluster because a
+    sample whose answers agree only because one phrasing is answered from the text is exactly the
+    papers' "consistent but dangerous" case, and reading the original alone misses it whenever the text
+    shortcut lives in a paraphrase."""
     min_margin_shift: float = 1.0
     """Threshold in logits for ``reliance="margin_shift"`` (ignored otherwise); finite and >= 0."""
     consistency: Literal["pred", "margin_band"] = "pred"
@@ -42,6 +49,8 @@ class QuadrantRule:
     def __post_init__(self) -> None:
         if self.reliance not in ("pred_change", "margin_shift"):
             raise ValueError(f"reliance must be 'pred_change' or 'margin_shift', got {self.reliance!r}")
+        if self.scope not in ("cluster", "original"):
+            raise ValueError(f"scope must be 'cluster' or 'original', got {self.scope!r}")
         if self.consistency not in ("pred", "margin_band"):
             raise ValueError(f"consistency must be 'pred' or 'margin_band', got {self.consistency!r}")
         for name in ("min_margin_shift", "min_abs_margin"):
@@ -50,13 +59,27 @@ class QuadrantRule:
                 raise ValueError(f"{name} must be a finite number >= 0 (logits), got {value}")
 
 
+def question_reliance(df: pd.DataFrame, rule: QuadrantRule) -> pd.DataFrame:
+    """Per answer-preserving question with both an 'image' and a 'removed' prediction: its sample
+    (``root``: the original's qid) and whether it relies on the image under ``rule.reliance``."""
+    im, rm = rows_under(df, "image"), rows_under(df, "removed")[["qid", "pred", "margin"]]
+    both = im[im["family"].isin([ORIGINAL, *PARAPHRASE_FAMILIES])].merge(rm, on="qid", suffixes=("", "_rm"))
+    if rule.reliance == "pred_change":
+        reliant = both["pred"].to_numpy() != both["pred_rm"].to_numpy()
+    else:
+        reliant = np.abs(both["margin"].to_numpy() - both["margin_rm"].to_numpy()) >= rule.min_margin_shift
+    root = both["qid"].where(both["family"] == ORIGINAL, both["paraphrase_of"])
+    return pd.DataFrame({"qid": both["qid"], "root": root, "family": both["family"], "reliant": reliant})
+
+
 def quadrants(df: pd.DataFrame, rule: QuadrantRule | None = None) -> pd.DataFrame:
     """One row per sample (original + its paraphrases on one image) with its quadrant under ``rule``.
 
     Columns: qid (the original's), image_id, finding, split, n_paraphrases, margin and margin_removed
-    (the original's), consistent, reliant, quadrant, correct (original's pred == ground_truth), entropy
-    (see :data:`DEFINITIONS`). Samples without a paraphrase under 'image' or without a 'removed' row
-    for the original are left out; operator variants play no part.
+    (the original's), consistent, reliant, reliant_share (share of the sample's questions with a
+    'removed' prediction that rely on the image), quadrant, correct (original's pred == ground_truth),
+    entropy (see :data:`DEFINITIONS`). Samples without a paraphrase under 'image' or without a
+    'removed' row for the original are left out; operator variants play no part.
     """
     rule = rule or QuadrantRule()
     removed = rows_under(df, "removed")
@@ -72,16 +95,18 @@ def quadrants(df: pd.DataFrame, rule: QuadrantRule | None = None) -> pd.DataFram
     )
     im = rows_under(df, "image")
     s = im[im["family"] == ORIGINAL].merge(per, left_on="qid", right_index=True, how="inner")
-    rem = removed[["qid", "pred", "margin"]].rename(columns={"pred": "pred_rm", "margin": "margin_removed"})
+    rem = removed[["qid", "margin"]].rename(columns={"margin": "margin_removed"})
     s = s.merge(rem, on="qid", how="inner")
     consistent = ~s["flipped"].to_numpy(dtype=bool)
     if rule.consistency == "margin_band":
         min_abs = np.minimum(s["margin"].abs().to_numpy(), s["min_abs"].to_numpy())
         consistent &= min_abs >= rule.min_abs_margin
-    if rule.reliance == "pred_change":
-        reliant = s["pred"].to_numpy() != s["pred_rm"].to_numpy()
+    per_q = question_reliance(df, rule)
+    share = per_q.groupby("root")["reliant"].mean().reindex(s["qid"]).to_numpy(dtype=float)
+    if rule.scope == "original":
+        reliant = per_q.set_index("qid")["reliant"].reindex(s["qid"]).to_numpy(dtype=bool)
     else:
-        reliant = np.abs(s["margin"].to_numpy() - s["margin_removed"].to_numpy()) >= rule.min_margin_shift
+        reliant = per_q.groupby("root")["reliant"].all().reindex(s["qid"]).to_numpy(dtype=bool)
     quadrant = np.select(
         [consistent & reliant, ~consistent & reliant, consistent & ~reliant], QUADRANTS[:3], QUADRANTS[3]
     )
@@ -89,8 +114,8 @@ def quadrants(df: pd.DataFrame, rule: QuadrantRule | None = None) -> pd.DataFram
     entropy = (predictive_entropy(s["margin"]) + s["ent_sum"].to_numpy()) / n_rows
     correct = s["pred"].to_numpy() == s["ground_truth"].to_numpy()
     out = s[["qid", "image_id", "finding", "split", "n_paraphrases", "margin", "margin_removed"]]
-    out = out.assign(consistent=consistent, reliant=reliant, quadrant=quadrant, correct=correct)
-    out = out.assign(entropy=entropy)
+    out = out.assign(consistent=consistent, reliant=reliant, reliant_share=share, quadrant=quadrant)
+    out = out.assign(correct=correct, entropy=entropy)
     return out.reset_index(drop=True)
 
 

@@ -45,6 +45,10 @@ def summary_table(
             lines.append(
                 f"{name:<11} {int(row['count']):>5}  {row['share']:.3f}  {row['accuracy']:.3f}     {row['mean_entropy']:.3f}"
             )
+        counts = {k: v["count"].to_dict() for k, v in s["quadrant_summary_by_scope"].items()}
+        lines.append(
+            "counts with reliance read over " + "; ".join(f"the {k}: {v}" for k, v in counts.items())
+        )
     return "\n".join(lines)
 
 
@@ -126,6 +130,10 @@ def write_report(
         "quadrant_summary": None
         if s["quadrant_summary"] is None
         else s["quadrant_summary"].reset_index().to_dict(orient="records"),
+        "quadrant_summary_by_scope": {
+            k: v.reset_index().to_dict(orient="records")
+            for k, v in (s["quadrant_summary_by_scope"] or {}).items()
+        },
         "choices": s["choices"],
         "run": meta,
     }

@@ -7,7 +7,7 @@ for a metric equals :func:`analyses.eval.metrics.bootstrap_ci` of that metric wi
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,9 @@ def summarize(
 
     Returns a dict with ``metrics`` (index metric; columns value, low, high, n = number of units),
     ``by_family`` and ``by_finding`` (index (metric, group); same columns, CIs from the same resamples),
-    ``quadrants`` / ``quadrant_summary`` (None without a 'removed' condition) and ``choices`` (rule,
+    ``quadrants`` / ``quadrant_summary`` (None without a 'removed' condition), ``quadrant_summary_by_scope``
+    (the summary with reliance read over the cluster and on the original alone, whichever the rule
+    says, so both are always reported) and ``choices`` (rule,
     n_boot, seed, level, conditions present, row and cluster counts, :data:`DEFINITIONS`). A metric
     with no unit (e.g. no swap rows) has value NaN and n = 0. The resamples are those of
     :func:`~analyses.eval.metrics.bootstrap_ci` with the same seed, so its interval for one metric is the same.
@@ -88,12 +90,18 @@ def summarize(
     table = pd.DataFrame({"value": value, "low": low, "high": high, "n": n}, index=index)
     has_removed = bool((d["condition"] == "removed").any())
     q = quadrants(d, rule) if has_removed else None
+    by_scope = {
+        scope: quadrant_summary(q if scope == rule.scope else quadrants(d, replace(rule, scope=scope)))
+        for scope in ("cluster", "original")
+        if q is not None
+    }
     return {
         "metrics": table.xs("all", level="by").droplevel("group"),
         "by_family": table.xs("family", level="by"),
         "by_finding": table.xs("finding", level="by"),
         "quadrants": q,
-        "quadrant_summary": quadrant_summary(q) if q is not None else None,
+        "quadrant_summary": by_scope.get(rule.scope),
+        "quadrant_summary_by_scope": by_scope or None,
         "choices": {
             **{"rule": asdict(rule), "n_boot": n_boot, "seed": seed, "level": level},
             "ci": "percentile bootstrap over clusters",
