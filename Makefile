@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.flipscope-installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint typecheck organism bench clean-venv
+.PHONY: demo test lint typecheck organism bench docs screenshot clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,16 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 $(BIN)/python -m pytest -q --nbmake tests notebooks
 
 lint: $(STAMP)
-	$(BIN)/ruff check hooks interp analyses lora_targeted tests benchmarks
+	$(BIN)/ruff check hooks interp analyses lora_targeted tests benchmarks docs
 	$(BIN)/mypy
+
+# The notebooks as a reader sees them: executed on the organism, exported as offline HTML with figures.
+docs: $(STAMP)
+	HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PLOTLY_RENDERER=notebook $(BIN)/python docs/build_notebooks.py notebooks/*.ipynb --out docs/notebooks
+
+# The README's picture: the demo report in headless Chromium (apt-get install chromium).
+screenshot: demo
+	$(BIN)/python -m analyses.eval.browser runs/demo/report.html docs/report.png 1400 1750
 
 organism: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/flipscope organism train

@@ -1,4 +1,4 @@
-"""`flipscope` command line: organism training, evaluation, the demo."""
+"""`flipscope` command line: organism training, evaluation, run comparison, the demo."""
 
 from __future__ import annotations
 
@@ -55,7 +55,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     df = evaluate(adapter, data.rows, data.images, out, cfg, progress=not args.quiet)
     print(summary_table(df, n_boot=args.n_boot, seed=args.seed, rule=rule))
     report = write_report(
-        df, out, title=f"flipscope eval: {args.model}", n_boot=args.n_boot, seed=args.seed, rule=rule
+        df,
+        out,
+        title=f"flipscope eval: {args.model}",
+        n_boot=args.n_boot,
+        seed=args.seed,
+        rule=rule,
+        images=data.images,
+        data=data.source,
     )
     print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
     return 0
@@ -78,6 +85,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         min_margin_shift=1.0,
     )
     return _cmd_eval(ns)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from analyses.eval.compare import compare_runs
+    from analyses.eval.quadrants import QuadrantRule
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
+    comp = compare_runs(
+        args.runs,
+        names,
+        rule,
+        base=args.base,
+        allow_different_rows=args.allow_different_rows,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+    print(comp.to_text())
+    paths = comp.save(args.out)
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _cmd_info(_args: argparse.Namespace) -> int:
@@ -148,6 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-images", type=int, default=120)
     demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
     demo.set_defaults(func=_cmd_demo)
+
+    cmp = sub.add_parser(
+        "compare", help="tabulate finished run folders: metrics and quadrant shares with CIs, one row per run"
+    )
+    cmp.add_argument(
+        "runs", nargs="+", help="run folders (meta.json + predictions.jsonl), e.g. runs/a runs/b"
+    )
+    cmp.add_argument("--names", default="", help="comma-separated row labels (default: the folder names)")
+    cmp.add_argument(
+        "--base", default=None, help="run that into_dangerous is relative to (default: the first)"
+    )
+    cmp.add_argument(
+        "--allow-different-rows",
+        action="store_true",
+        help="tabulate runs over different question rows anyway",
+    )
+    cmp.add_argument("--n-boot", type=int, default=1000)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--reliance", default="pred_change", choices=["pred_change", "margin_shift"])
+    cmp.add_argument(
+        "--min-margin-shift", type=float, default=1.0, help="logits, for --reliance margin_shift"
+    )
+    cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"))
+    cmp.set_defaults(func=_cmd_compare)
 
     from lora_targeted.cli import add_lora_parser
 

@@ -20,16 +20,12 @@ from typing import Any
 import pandas as pd
 
 from analyses.data.schema import PARAPHRASE_FAMILIES, ImageSource, QuestionRow
+from analyses.eval.compare import RunComparison, compare_runs
 from analyses.eval.evaluate import EvalConfig, evaluate
-from analyses.eval.metrics import (
-    accuracy,
-    flip_rate,
-    pairwise_flip_rate,
-    swap_sensitivity,
-    text_only_agreement,
-)
-from analyses.eval.quadrants import QUADRANTS, QuadrantRule, migration, quadrants
+from analyses.eval.quadrants import QUADRANTS, QuadrantRule, into_dangerous
 from hooks.adapter import VLMAdapter
+
+__all__ = ["COLUMNS", "Comparison", "compare", "comparison_table", "into_dangerous"]
 
 #: Rate columns (fractions in [0, 1]) of :attr:`Comparison.table`, in order.
 RATE_COLUMNS: tuple[str, ...] = (
@@ -43,12 +39,6 @@ RATE_COLUMNS: tuple[str, ...] = (
 #: Count columns: samples per quadrant, and samples that moved into Dangerous vs the base.
 COUNT_COLUMNS: tuple[str, ...] = (*QUADRANTS, "n_samples", "into_dangerous")
 COLUMNS: tuple[str, ...] = (*RATE_COLUMNS, *COUNT_COLUMNS)
-
-
-def into_dangerous(base_q: pd.DataFrame, q: pd.DataFrame) -> int:
-    """Samples Dangerous under ``q`` that were in another quadrant under ``base_q`` (matched samples)."""
-    m = migration(base_q, q)
-    return int(m["Dangerous"].sum() - m.loc["Dangerous", "Dangerous"])
 
 
 @dataclass
@@ -69,6 +59,9 @@ class Comparison:
     """Per-sample quadrants of each adapter (``None`` without a 'removed' condition)."""
     migrations: dict[str, pd.DataFrame] = field(default_factory=dict)
     """4x4 quadrant migration base -> adapter (rows before, columns after)."""
+    runs: RunComparison | None = None
+    """The same runs as :func:`analyses.eval.compare.compare_runs` tabulates them: every metric and
+    quadrant share with its bootstrap CI (``runs.table``, ``runs.long``, ``runs.to_html()``)."""
 
     def figure(self) -> Any:
         """Plotly figure: grouped bars of the rates (left) and the quadrant counts (right)."""
@@ -107,9 +100,12 @@ class Comparison:
         return "\n".join(lines) + note
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``comparison.csv``, ``comparison.md`` and ``migrations.json`` under ``out_dir``."""
+        """Write ``comparison.csv``, ``comparison.md`` and ``migrations.json`` under ``out_dir``, and the
+        table with CIs (:meth:`RunComparison.save`, files ``comparison_ci.*``) when there is one."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if self.runs is not None:
+            self.runs.save(out, name="comparison_ci")
         self.table.to_csv(out / "comparison.csv")
         (out / "comparison.md").write_text(self.to_markdown() + "\n")
         mig = {k: v.to_dict(orient="index") for k, v in self.migrations.items()}
@@ -137,29 +133,18 @@ def _folder(name: str) -> str:
     return safe
 
 
-def metrics_row(
-    df: pd.DataFrame, family: str, rule: QuadrantRule, base_q: pd.DataFrame | None
-) -> tuple[dict[str, Any], pd.DataFrame | None]:
-    """One table row from a predictions table (and its quadrants, ``None`` without 'removed')."""
-    fam = flip_rate(df, by="family")
-    has_removed = bool((df["condition"] == "removed").any())
-    q = quadrants(df, rule) if has_removed else None
-    row: dict[str, Any] = {
-        "flip_rate": flip_rate(df),
-        "family_flip_rate": float(fam.get(family, float("nan"))),
-        "pairwise_flip_rate": pairwise_flip_rate(df),
-        "text_only_agreement": text_only_agreement(df),
-        "swap_sensitivity_label": swap_sensitivity(df, "label"),
-        "accuracy": accuracy(df),
+def comparison_table(runs: RunComparison, family: str) -> pd.DataFrame:
+    """The :data:`COLUMNS` table (values only) of a run comparison; ``family_flip_rate`` is the flip rate
+    of ``family`` (NaN where no cluster has it)."""
+    t = runs.table
+    fam = {
+        n: float(s["by_family"]["value"].get(("flip_rate", family), float("nan")))
+        for n, s in runs.summaries.items()
     }
-    counts = q["quadrant"].value_counts() if q is not None else pd.Series(dtype=int)
-    for name in QUADRANTS:
-        row[name] = int(counts.get(name, 0)) if q is not None else float("nan")
-    row["n_samples"] = len(q) if q is not None else float("nan")
-    row["into_dangerous"] = (
-        into_dangerous(base_q, q) if (q is not None and base_q is not None) else float("nan")
-    )
-    return row, q
+    out = t[[c for c in COLUMNS if c in t.columns]].copy()
+    out.insert(1, "family_flip_rate", pd.Series(fam))
+    out.index.name = "adapter"
+    return out[list(COLUMNS)]
 
 
 def compare(
@@ -172,10 +157,13 @@ def compare(
     family: str = "register",
     base: str | None = None,
     progress: bool = False,
+    n_boot: int = 1000,
 ) -> Comparison:
     """Evaluate every adapter on ``rows`` (sub-folder ``out_dir/<name>`` each) and tabulate them.
 
-    ``base`` (default: the first adapter) is the reference for ``into_dangerous``. The evaluator needs
+    ``base`` (default: the first adapter) is the reference for ``into_dangerous``. The runs are tabulated
+    by :func:`analyses.eval.compare.compare_runs` (``n_boot`` resamples for the CIs of
+    :attr:`Comparison.runs`; the table keeps the point values). The evaluator needs
     the 'removed' condition for quadrants and 'swap_label' for swap sensitivity; without them those
     columns are NaN. Results are also saved (:meth:`Comparison.save`) under ``out_dir``.
     """
@@ -197,15 +185,8 @@ def compare(
         n: evaluate(adapters[n], rows, images, out / f, cfg, progress=progress)
         for n, f in zip(names, folders, strict=True)
     }
-    base_q = quadrants(preds[base], rule) if (preds[base]["condition"] == "removed").any() else None
-    records, qs, migs = [], {}, {}
-    for n in names:
-        row, q = metrics_row(preds[n], family, rule, base_q)
-        records.append({"adapter": n, **row})
-        qs[n] = q
-        if q is not None and base_q is not None:
-            migs[n] = migration(base_q, q)
-    table = pd.DataFrame.from_records(records).set_index("adapter")[list(COLUMNS)]
-    comp = Comparison(table, family, base, rule, preds, qs, migs)
+    runs = compare_runs([out / f for f in folders], names, rule, base, n_boot=n_boot, seed=cfg.seed)
+    qs = {n: runs.summaries[n]["quadrants"] for n in names}
+    comp = Comparison(comparison_table(runs, family), family, base, rule, preds, qs, runs.migrations, runs)
     comp.save(out)
     return comp

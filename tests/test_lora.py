@@ -341,6 +341,13 @@ def test_compare_table_and_migration(comparison: Comparison) -> None:
     mig = comparison.migrations["targeted"]
     assert int(mig.to_numpy().sum()) == len(m)
     assert int(mig["Dangerous"].sum()) == int(t.loc["targeted", "Dangerous"])
+    runs = comparison.runs  # the same runs with CIs (analyses.eval.compare): same point values
+    assert runs is not None and list(runs.table.index) == list(t.index)
+    for col in ("flip_rate", "text_only_agreement", "swap_sensitivity_label", "accuracy", "into_dangerous"):
+        assert runs.table[col].tolist() == pytest.approx(t[col].tolist())
+    assert (runs.table["flip_rate_low"] <= t["flip_rate"]).all() and (
+        t["flip_rate"] <= runs.table["flip_rate_high"]
+    ).all()
 
 
 def test_compare_outputs(comparison: Comparison, base: VLMAdapter, world: SynthCXRWorld) -> None:
@@ -385,6 +392,7 @@ def test_cli_train_and_compare_end_to_end(
     preds = pd.read_json(out / "targeted" / "predictions.jsonl", lines=True)
     assert set(preds["finding"]) == {"cardiomegaly"} and set(preds["split"]) == {"test"}
     assert list(table.index) == ["base", "targeted"] and (out / "comparison.html").is_file()
+    assert list(pd.read_csv(out / "comparison_ci.csv", index_col=0).index) == ["base", "targeted"]
     assert "| targeted |" in capsys.readouterr().out
     bad = p.parse_args(["lora", "train", *common, "--layers", "9", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="layer 9 is out of range"):

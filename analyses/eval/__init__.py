@@ -3,7 +3,10 @@
 - :mod:`analyses.eval.predictions`: the predictions table (conditions, columns) and the run folder
 - :mod:`analyses.eval.evaluate`: ``EvalConfig``, ``evaluate`` (plan, encode, score, write; resumable)
 - :mod:`analyses.eval.metrics`: flip rate, text-only agreement, swap sensitivity, quadrants, ``summarize``
-- :mod:`analyses.eval.report`: text summary, plotly figures, ``report.html``
+- :mod:`analyses.eval.report`: text summary and ``report.html`` (built from :mod:`~analyses.eval.page`,
+  :mod:`~analyses.eval.figures`, :mod:`~analyses.eval.gallery`, :mod:`~analyses.eval.localization`)
+- :mod:`analyses.eval.compare`: ``compare_runs``: finished run folders side by side (``flipscope compare``)
+- :mod:`analyses.eval.browser`: the report in headless Chromium (probe, screenshot)
 
 Metric definitions: ``docs/metrics.md``.
 """

@@ -61,7 +61,8 @@ class QuadrantRule:
 
 def question_reliance(df: pd.DataFrame, rule: QuadrantRule) -> pd.DataFrame:
     """Per answer-preserving question with both an 'image' and a 'removed' prediction: its sample
-    (``root``: the original's qid) and whether it relies on the image under ``rule.reliance``."""
+    (``root``: the original's qid), whether it relies on the image under ``rule.reliance``, and its
+    ``margin`` / ``margin_removed``."""
     im, rm = rows_under(df, "image"), rows_under(df, "removed")[["qid", "pred", "margin"]]
     both = im[im["family"].isin([ORIGINAL, *PARAPHRASE_FAMILIES])].merge(rm, on="qid", suffixes=("", "_rm"))
     if rule.reliance == "pred_change":
@@ -69,7 +70,39 @@ def question_reliance(df: pd.DataFrame, rule: QuadrantRule) -> pd.DataFrame:
     else:
         reliant = np.abs(both["margin"].to_numpy() - both["margin_rm"].to_numpy()) >= rule.min_margin_shift
     root = both["qid"].where(both["family"] == ORIGINAL, both["paraphrase_of"])
-    return pd.DataFrame({"qid": both["qid"], "root": root, "family": both["family"], "reliant": reliant})
+    return pd.DataFrame(
+        {
+            "qid": both["qid"],
+            "root": root,
+            "family": both["family"],
+            "reliant": reliant,
+            "margin": both["margin"],
+            "margin_removed": both["margin_rm"],
+        }
+    )
+
+
+def least_reliant(df: pd.DataFrame, rule: QuadrantRule | None = None) -> pd.DataFrame:
+    """Per sample (``root``), the question that decides its image reliance under ``rule``.
+
+    ``scope="original"``: the original. ``scope="cluster"``: the sample is reliant only if every question
+    is, so the decisive one is a non-reliant question if there is any, else any; among those, the one
+    whose margin moves least without the image (``|margin - margin_removed|``, ties: the original first,
+    then by qid). Columns: those of :func:`question_reliance` plus ``shift`` (the absolute move).
+    """
+    rule = rule or QuadrantRule()
+    per_q = question_reliance(df, rule)
+    per_q = per_q.assign(
+        shift=(per_q["margin"] - per_q["margin_removed"]).abs(),
+        is_original=per_q["family"] == ORIGINAL,
+    )
+    if rule.scope == "original":
+        chosen = per_q[per_q["is_original"]]
+    else:
+        order = per_q.sort_values(["root", "reliant", "shift", "is_original", "qid"],
+                                  ascending=[True, True, True, False, True])  # fmt: skip
+        chosen = order.drop_duplicates("root", keep="first")
+    return chosen.drop(columns="is_original").reset_index(drop=True)
 
 
 def quadrants(df: pd.DataFrame, rule: QuadrantRule | None = None) -> pd.DataFrame:
@@ -147,3 +180,10 @@ def migration(before_q: pd.DataFrame, after_q: pd.DataFrame) -> pd.DataFrame:
     ct = ct.reindex(index=list(QUADRANTS), columns=list(QUADRANTS), fill_value=0).astype(int)
     ct.index.name, ct.columns.name = "before", "after"
     return ct
+
+
+def into_dangerous(base_q: pd.DataFrame, q: pd.DataFrame) -> int:
+    """Samples Dangerous under ``q`` that were in another quadrant under ``base_q`` (matched samples):
+    a fix that makes the model consistent by ignoring the image shows up here."""
+    m = migration(base_q, q)
+    return int(m["Dangerous"].sum() - m.loc["Dangerous", "Dangerous"])

@@ -1,20 +1,84 @@
-"""Summary tables, plotly figures and the HTML report of an evaluation run."""
+"""The evaluation report: a text summary for the terminal and ``report.html`` for a reader.
+
+``report.html`` (:func:`write_report`) is one offline page: a header saying what was run (model, data,
+removal, quadrant rule, dataset hash; no absolute machine paths), the headline metrics with 95% CIs, one
+flip and one Dangerous sample, the per-family and per-finding tables, the quadrant table with its rule
+and definitions, figures of fixed height (:mod:`analyses.eval.figures`), a gallery of flips and Dangerous
+samples with their images (:mod:`analyses.eval.gallery`), and, when a patching result is passed, the
+localization section (:mod:`analyses.eval.localization`). plotly.js is embedded once.
+"""
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 
+from analyses.data.schema import ImageSource
+from analyses.eval.figures import (
+    FAMILY_ORDER,
+    HEIGHTS,
+    flip_by_family_figure,
+    margin_figure,
+    quadrant_figure,
+    quadrant_shares_figure,
+)
+from analyses.eval.gallery import Thumbnails, dangerous_examples, example_card, flip_examples, gallery_section
+from analyses.eval.page import (
+    QUADRANT_COLORS,
+    esc,
+    figure_div,
+    fmt_ci,
+    fmt_num,
+    page,
+    redact,
+    table,
+    write_page,
+)
 from analyses.eval.quadrants import QUADRANTS, QuadrantRule
 from analyses.eval.summary import summarize
 
-QUADRANT_COLORS = {"Ideal": "#2ca02c", "Fragile": "#ff7f0e", "Dangerous": "#d62728", "Worst": "#7f0000"}
+if TYPE_CHECKING:
+    from interp.patching import PatchingResult
+    from interp.scores import LayerScores
+
+__all__ = [
+    "QUADRANT_COLORS",
+    "flip_by_family_figure",
+    "quadrant_figure",
+    "quadrant_shares_figure",
+    "summary_table",
+    "write_report",
+]
+
+#: One-line definitions of the quadrants, as the report states them.
+QUADRANT_MEANING = {
+    "Ideal": "answers agree across paraphrases and depend on the image",
+    "Fragile": "answers flip across paraphrases, but depend on the image",
+    "Dangerous": "answers agree, yet a question is answered the same without the image: consistent "
+    "because it reads the text",
+    "Worst": "answers flip, and a question is answered the same without the image",
+}
+#: Headline metrics: name -> (label, one-line definition).
+HEADLINE = {
+    "flip_rate": ("flip rate", "clusters where some paraphrase gets another answer than the original"),
+    "text_only_agreement": ("text-only agreement", "rows answered the same with the image removed"),
+    "swap_sensitivity_label": ("swap sensitivity", "rows whose answer changes on another patient's image "
+                               "with the opposite label"),
+    "accuracy": ("accuracy", "rows (all questions, with the image) answered correctly"),
+}  # fmt: skip
+#: Columns of the per-family / per-finding tables.
+TABLE_METRICS = {
+    "flip_rate": "flip rate",
+    "pairwise_flip_rate": "pairwise flip rate",
+    "text_only_agreement": "text-only agreement",
+    "swap_sensitivity_label": "swap sensitivity (label)",
+    "swap_sensitivity_random": "swap sensitivity (random)",
+    "accuracy": "accuracy",
+}
 
 
 def _fmt(row: pd.Series) -> str:
@@ -40,10 +104,15 @@ def summary_table(
     for name, row in fam.iterrows():
         lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
     if s["quadrant_summary"] is not None:
-        lines += ["", f"quadrants ({s['choices']['rule']})", "quadrant    count  share  accuracy  entropy"]
+        lines += [
+            "",
+            f"quadrants ({s['choices']['rule']})",
+            "quadrant    count  share [95% CI]         accuracy  entropy",
+        ]
         for name, row in s["quadrant_summary"].iterrows():
+            share = _fmt(s["quadrant_shares"].loc[name])
             lines.append(
-                f"{name:<11} {int(row['count']):>5}  {row['share']:.3f}  {row['accuracy']:.3f}     {row['mean_entropy']:.3f}"
+                f"{name:<11} {int(row['count']):>5}  {share:<22} {row['accuracy']:.3f}     {row['mean_entropy']:.3f}"
             )
         counts = {k: v["count"].to_dict() for k, v in s["quadrant_summary_by_scope"].items()}
         lines.append(
@@ -52,61 +121,207 @@ def summary_table(
     return "\n".join(lines)
 
 
-def flip_by_family_figure(
-    summary: dict[str, Any], title: str = "Flip rate by paraphrase family"
-) -> go.Figure:
-    """Bars: flip rate per family with 95% bootstrap CIs; text-only agreement per family beside it."""
-    fam = summary["by_family"]
-    fig = go.Figure()
-    for metric, color in (("flip_rate", "#d62728"), ("text_only_agreement", "#1f77b4")):
-        if metric not in fam.index.get_level_values("metric"):
-            continue
-        t = fam.xs(metric, level="metric")
-        fig.add_bar(
-            x=list(t.index),
-            y=t["value"],
-            name=metric.replace("_", " "),
-            marker_color=color,
-            error_y=dict(
-                type="data", symmetric=False, array=t["high"] - t["value"], arrayminus=t["value"] - t["low"]
-            ),
+def rule_sentence(rule: QuadrantRule, removal: str = "") -> str:
+    """The quadrant rule in words."""
+    how = f" ({removal})" if removal else ""
+    relies = (
+        f"its answer changes when the image is removed{how}"
+        if rule.reliance == "pred_change"
+        else f"its margin moves by at least {rule.min_margin_shift:g} logit{'' if rule.min_margin_shift == 1 else 's'} "
+        f"when the image is removed{how}"
+    )
+    scope = (
+        "every question of it (original and paraphrases) relies on the image"
+        if rule.scope == "cluster"
+        else "its original question relies on the image"
+    )
+    consistent = "no paraphrase gets another answer than the original"
+    if rule.consistency == "margin_band":
+        consistent += f" and every margin is at least {rule.min_abs_margin:g} from zero"
+    return (
+        f"A question relies on the image if {relies}. A sample (an original question and its paraphrases on "
+        f"one image) is image-reliant if {scope}, and consistent if {consistent}."
+    )
+
+
+def _header(title: str, meta: dict[str, Any], s: dict[str, Any], data: str | None) -> str:
+    c, rule = s["choices"], s["choices"]["rule"]
+    model = str(meta.get("model", "?"))
+    info = {
+        "model": f"{model} ({meta.get('architecture', '?')}, {meta.get('n_layers', '?')} layers)",
+        "data": data or "not recorded",
+        "dataset hash": meta.get("dataset_hash", "not recorded"),
+        "rows / clusters": f"{c['n_rows']:,} predictions / {c['n_clusters']:,} clusters",
+        "image removed as": str(meta.get("removal", "not recorded")).removeprefix("removed:"),
+        "quadrant rule": f"reliance {rule['reliance']}"
+        + (f" ≥ {rule['min_margin_shift']:g}" if rule["reliance"] == "margin_shift" else "")
+        + f", read over the {rule['scope']}, consistency {rule['consistency']}",
+        "conditions": ", ".join(c["conditions"]),
+        "intervals": f"{int(c['level'] * 100)}% {c['ci']}, {c['n_boot']} resamples, seed {c['seed']}",
+        "started": meta.get("started", "not recorded"),
+    }
+    grid = "".join(f"<div><b>{esc(k)}</b>{esc(redact(str(v)))}</div>" for k, v in info.items())
+    return (
+        f"<h1>{esc(redact(title))}</h1><p class='lead'>Paraphrase sensitivity of a vision-language model: does "
+        "it give the same answer to the same question asked differently, and does it answer from the image "
+        "or from the text?</p>" + f"<div class='runinfo'>{grid}</div>"
+    )
+
+
+def _cards(s: dict[str, Any]) -> str:
+    m, cards = s["metrics"], []
+    for key, (label, what) in HEADLINE.items():
+        r = m.loc[key]
+        v = fmt_num(float(r["value"]))
+        ci = (
+            f"[{r['low']:.3f}, {r['high']:.3f}] · n={int(r['n']):,}"
+            if np.isfinite(r["value"])
+            else "no units"
         )
-    fig.update_layout(
-        title=title,
-        barmode="group",
-        yaxis=dict(title="rate", range=[0, 1.05]),
-        xaxis_title="family",
-        template="plotly_white",
-    )
-    return fig
+        cards.append(f"<div class='card'><div>{esc(label)}</div><div class='v'>{v}</div>"
+                     f"<div class='ci'>{ci}</div><div class='d'>{esc(what)}</div></div>")  # fmt: skip
+    shares = s.get("quadrant_shares")
+    if shares is not None:
+        r = shares.loc["Dangerous"]
+        color = QUADRANT_COLORS["Dangerous"]
+        cards.append(
+            f"<div class='card'><div>Dangerous samples</div><div class='v' style='color:{color}'>"
+            f"{fmt_num(float(r['value']))}</div><div class='ci'>[{r['low']:.3f}, {r['high']:.3f}] · n={int(r['n']):,}"
+            "</div><div class='d'>consistent across paraphrases, but answered without the image</div></div>"
+        )
+    return f"<div class='cards'>{''.join(cards)}</div>"
 
 
-def quadrant_figure(summary: dict[str, Any], title: str = "Four-quadrant safety taxonomy") -> go.Figure:
-    """Quadrant counts (bars) with accuracy and mean entropy per quadrant (markers, right axis)."""
-    qs = summary["quadrant_summary"]
-    if qs is None:
-        raise ValueError("no 'removed' condition in this run: quadrants need image-removed predictions")
-    fig = go.Figure()
-    fig.add_bar(
-        x=list(QUADRANTS),
-        y=qs["count"],
-        marker_color=[QUADRANT_COLORS[q] for q in QUADRANTS],
-        name="samples",
-        text=[f"{s:.1%}" for s in qs["share"].fillna(0)],
-        textposition="outside",
+def _glance(df: pd.DataFrame, s: dict[str, Any], rule: QuadrantRule, thumbs: Thumbnails) -> str:
+    """One flip (the largest margin gap in the family that flips most) and one Dangerous sample."""
+    flips, _ = flip_examples(df, per_family=1)
+    cards = []
+    if not flips.empty:
+        rates = s["by_family"].xs("flip_rate", level="metric")["value"]
+        best = flips.assign(rate=flips["family"].map(rates)).sort_values(["rate", "gap"], ascending=False)
+        cards.append(
+            ("A flip: same image, same question in other words, another answer", best.iloc[0], "flip")
+        )
+    if s["quadrants"] is not None:
+        dang = dangerous_examples(df, s["quadrants"], rule, n=1)
+        if not dang.empty:
+            cards.append(
+                (
+                    "Consistent but dangerous: the same answers with the image removed",
+                    dang.iloc[0],
+                    "dangerous",
+                )
+            )
+    if not cards:
+        return ""
+    cols = "".join(
+        f"<div class='col'><h3>{esc(h)}</h3>{example_card(r, thumbs, k)}</div>" for h, r, k in cards
     )
-    fig.add_scatter(x=list(QUADRANTS), y=qs["accuracy"], yaxis="y2", mode="markers+lines", name="accuracy")
-    fig.add_scatter(
-        x=list(QUADRANTS), y=qs["mean_entropy"], yaxis="y2", mode="markers+lines", name="mean entropy (nats)"
+    return f"<div class='row'>{cols}</div>"
+
+
+def metric_table(
+    t: pd.DataFrame, label: str, metrics: dict[str, str] = TABLE_METRICS, order: list[str] | None = None
+) -> str:
+    """Groups (rows) x metrics (columns) of a ``by_family`` / ``by_finding`` table, value [CI], sortable."""
+    present = set(t.index.get_level_values("metric"))
+    cols = [k for k in metrics if k in present]
+    groups = list(dict.fromkeys(t.index.get_level_values("group")))
+    groups = [g for g in (order or []) if g in groups] + [g for g in groups if g not in (order or [])]
+    rows: list[list[str]] = []
+    keys: list[list[float | None]] = []
+    for g in groups:
+        cells: list[str] = [esc(g)]
+        vals: list[float | None] = [None]
+        for k in cols:
+            r = t.loc[(k, g)] if (k, g) in t.index else None
+            if r is None or not r["n"] > 0:
+                cells.append("—")
+                vals.append(None)
+            else:
+                cells.append(fmt_ci(float(r["value"]), float(r["low"]), float(r["high"])))
+                vals.append(float(r["value"]))
+        rows.append(cells)
+        keys.append(vals)
+    return table([label, *(metrics[k] for k in cols)], rows, sortable=True, sort_values=keys)
+
+
+def _family_section(s: dict[str, Any]) -> str:
+    short = {k: TABLE_METRICS[k] for k in ("flip_rate", "text_only_agreement", "swap_sensitivity_label")}
+    return (
+        "<h2 id='families'>By paraphrase family</h2><div class='row'>"
+        f"<div class='col'>{figure_div(flip_by_family_figure(s), HEIGHTS['family'])}</div>"
+        f"<div class='col'>{metric_table(s['by_family'], 'family', short, list(FAMILY_ORDER))}"
+        "<p class='note'>Flip rate by family: over clusters having that family, the share where a paraphrase of "
+        "that family gets another answer than the original. Click a header to sort; every metric by family "
+        "is in the tables below.</p></div></div>"
     )
-    fig.update_layout(
-        title=title,
-        template="plotly_white",
-        yaxis=dict(title="samples"),
-        yaxis2=dict(title="accuracy / entropy", overlaying="y", side="right", range=[0, 1.05]),
-        xaxis_title=f"quadrant (rule: {summary['choices']['rule']})",
+
+
+def _quadrant_section(df: pd.DataFrame, s: dict[str, Any], rule: QuadrantRule, removal: str) -> str:
+    qs, shares = s["quadrant_summary"], s["quadrant_shares"]
+    rows = []
+    for name in QUADRANTS:
+        r, sh = qs.loc[name], shares.loc[name]
+        badge = f"<span class='badge' style='background:{QUADRANT_COLORS[name]}'>{name}</span>"
+        rows.append([badge, f"<span class='meaning'>{esc(QUADRANT_MEANING[name])}</span>",
+                     fmt_num(int(r["count"])), fmt_ci(float(sh["value"]), float(sh["low"]), float(sh["high"]), stacked=True),
+                     fmt_num(float(r["accuracy"])), fmt_num(float(r["mean_entropy"]))])  # fmt: skip
+    other = {k: v for k, v in s["quadrant_summary_by_scope"].items() if k != rule.scope}
+    note = "".join(
+        f"<p class='note'>With reliance read over the {esc(k)} instead: "
+        + ", ".join(f"{q} {int(n)}" for q, n in v["count"].items()) + ".</p>"
+        for k, v in other.items()
+    )  # fmt: skip
+    quad_table = table(["quadrant", "meaning", "samples", "share [95% CI]", "accuracy", "entropy"], rows)
+    return (
+        "<h2 id='quadrants'>Four quadrants: consistent × image-reliant</h2>"
+        f"<p class='lead'><b>Rule.</b> {esc(rule_sentence(rule, removal))}</p><div class='row'>"
+        f"<div class='col'>{figure_div(margin_figure(df, s['quadrants'], rule), HEIGHTS['margin'])}</div>"
+        f"<div class='col'>{quad_table}{note}{figure_div(quadrant_shares_figure(s), HEIGHTS['shares'])}</div></div>"
     )
-    return fig
+
+
+def _tables_section(s: dict[str, Any]) -> str:
+    m = s["metrics"]
+    rows = [[esc(k), fmt_ci(float(r["value"]), float(r["low"]), float(r["high"])), fmt_num(int(r["n"]))]
+            for k, r in m.iterrows()]  # fmt: skip
+    return (
+        "<h2 id='tables'>Tables</h2><h3>Every metric</h3>"
+        + table(["metric", "value [95% CI]", "units"], rows)
+        + "<h3>By finding</h3>"
+        + metric_table(s["by_finding"], "finding")
+        + "<h3>Every metric by question family</h3>"
+        + metric_table(s["by_family"], "family", order=list(FAMILY_ORDER))
+    )
+
+
+def _definitions(s: dict[str, Any], meta: dict[str, Any]) -> str:
+    defs = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in s["choices"]["definitions"].items())
+    record = esc(json.dumps(redact(meta), indent=1, default=str))
+    return (
+        f"<h2 id='definitions'>Definitions</h2><dl class='defs'>{defs}</dl>"
+        f"<details><summary>Run record (meta.json, paths shortened)</summary><pre>{record}</pre></details>"
+    )
+
+
+def _payload(s: dict[str, Any], meta: dict[str, Any], data: str | None) -> dict[str, Any]:
+    def records(t: pd.DataFrame | None) -> Any:
+        return None if t is None else t.reset_index().to_dict(orient="records")
+
+    return {
+        "metrics": records(s["metrics"]),
+        "by_family": records(s["by_family"]),
+        "by_finding": records(s["by_finding"]),
+        "quadrant_summary": records(s["quadrant_summary"]),
+        "quadrant_summary_by_scope": {
+            k: records(v) for k, v in (s["quadrant_summary_by_scope"] or {}).items()
+        },
+        "quadrant_shares": records(s["quadrant_shares"]),
+        "choices": s["choices"],
+        "data": data,
+        "run": meta,
+    }
 
 
 def write_report(
@@ -116,44 +331,41 @@ def write_report(
     n_boot: int = 1000,
     seed: int = 0,
     rule: QuadrantRule | None = None,
+    *,
+    images: ImageSource | None = None,
+    data: str | None = None,
+    patching: PatchingResult | None = None,
+    attribution: PatchingResult | LayerScores | None = None,
+    sae_features: pd.DataFrame | None = None,
+    per_family: int = 4,
+    max_dangerous: int = 8,
 ) -> Path:
-    """Write ``summary.json``, ``report.html`` (figures + tables + every definition) to ``out_dir``."""
+    """Write ``summary.json`` and ``report.html`` to ``out_dir`` (which may hold the run's meta.json).
+
+    ``images`` (the run's image source, e.g. ``world.image_for`` or ``resolve_data(...).images``) gives the
+    gallery its thumbnails; without it, rows whose ``image_path`` exists are read from disk. ``data``
+    names the data set in the header. ``patching`` (an activation-patching result) adds the localization
+    section, with ``attribution`` (an attribution-patching result or LayerScores) overlaid on the
+    recovery profile and ``sae_features`` (:func:`interp.sae_attr.top_features`) as a table.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rule = rule or QuadrantRule()
     s = summarize(df, rule, n_boot=n_boot, seed=seed)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    payload = {
-        "metrics": s["metrics"].reset_index().to_dict(orient="records"),
-        "by_family": s["by_family"].reset_index().to_dict(orient="records"),
-        "by_finding": s["by_finding"].reset_index().to_dict(orient="records"),
-        "quadrant_summary": None
-        if s["quadrant_summary"] is None
-        else s["quadrant_summary"].reset_index().to_dict(orient="records"),
-        "quadrant_summary_by_scope": {
-            k: v.reset_index().to_dict(orient="records")
-            for k, v in (s["quadrant_summary_by_scope"] or {}).items()
-        },
-        "choices": s["choices"],
-        "run": meta,
-    }
-    (out / "summary.json").write_text(json.dumps(payload, indent=1, default=float))
-    figs = [flip_by_family_figure(s)]
-    if s["quadrant_summary"] is not None:
-        figs.append(quadrant_figure(s))
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts.append("<h2>Run</h2><pre>" + html.escape(json.dumps(meta, indent=1, default=str)) + "</pre>")
-    parts.append("<h2>Summary</h2><pre>" + html.escape(summary_table(df, summary=s)) + "</pre>")
-    for i, f in enumerate(figs):
-        parts.append(f.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    parts.append(
-        "<h2>Definitions</h2><ul>"
-        + "".join(
-            f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>"
-            for k, v in s["choices"]["definitions"].items()
-        )
-        + "</ul>"
-    )
-    path = out / "report.html"
-    path.write_text("<html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>")
-    return path
+    (out / "summary.json").write_text(json.dumps(_payload(s, meta, data), indent=1, default=float))
+    paths = dict(zip(df["image_id"], df["image_path"], strict=True)) if "image_path" in df.columns else {}
+    thumbs = Thumbnails(images, paths)
+    removal = str(meta.get("removal", "")).removeprefix("removed:")
+    sections = [_header(title, meta, s, data), _cards(s), _glance(df, s, rule, thumbs), _family_section(s)]
+    if s["quadrants"] is not None:
+        sections.append(_quadrant_section(df, s, rule, removal))
+    sections.append(gallery_section(df, s["quadrants"], rule, thumbs, per_family, max_dangerous))
+    sections.append(_tables_section(s))
+    if patching is not None:
+        from analyses.eval.localization import localization_section
+
+        sections.append(localization_section(patching, attribution, sae_features, n_boot=n_boot, seed=seed))
+    sections.append(_definitions(s, meta))
+    return write_page(out / "report.html", page(redact(title), sections))

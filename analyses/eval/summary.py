@@ -26,7 +26,7 @@ from analyses.eval.metrics import (
     validate_predictions,
 )
 from analyses.eval.predictions import CONDITIONS
-from analyses.eval.quadrants import QuadrantRule, quadrant_summary, quadrants
+from analyses.eval.quadrants import QUADRANTS, QuadrantRule, quadrant_summary, quadrants
 from interp.stats import check_bootstrap, ratio_bootstrap
 
 
@@ -65,6 +65,22 @@ def _unit_sums(d: pd.DataFrame, clusters: pd.Index) -> tuple[pd.MultiIndex, np.n
     return index, hits, counts
 
 
+def quadrant_shares(q: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Share of samples per quadrant (all four, :data:`QUADRANTS` order) with its bootstrap interval.
+
+    Units are the samples of ``q`` (one per cluster: :func:`~analyses.eval.quadrants.quadrants`), drawn
+    with replacement by :func:`interp.stats.ratio_bootstrap`; columns value, low, high, n (samples).
+    """
+    hits = np.stack([(q["quadrant"] == name).to_numpy(dtype=float) for name in QUADRANTS])
+    if len(q):
+        value, low, high = ratio_bootstrap(hits, np.ones_like(hits), n_boot, seed, level)
+    else:
+        value = low = high = np.full(len(QUADRANTS), np.nan)
+    out = pd.DataFrame({"value": value, "low": low, "high": high, "n": len(q)}, index=list(QUADRANTS))
+    out.index.name = "quadrant"
+    return out
+
+
 def summarize(
     df: pd.DataFrame, rule: QuadrantRule | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
@@ -74,7 +90,8 @@ def summarize(
     ``by_family`` and ``by_finding`` (index (metric, group); same columns, CIs from the same resamples),
     ``quadrants`` / ``quadrant_summary`` (None without a 'removed' condition), ``quadrant_summary_by_scope``
     (the summary with reliance read over the cluster and on the original alone, whichever the rule
-    says, so both are always reported) and ``choices`` (rule,
+    says, so both are always reported), ``quadrant_shares`` / ``quadrant_shares_by_scope`` (the same
+    shares with bootstrap intervals over samples, :func:`quadrant_shares`) and ``choices`` (rule,
     n_boot, seed, level, conditions present, row and cluster counts, :data:`DEFINITIONS`). A metric
     with no unit (e.g. no swap rows) has value NaN and n = 0. The resamples are those of
     :func:`~analyses.eval.metrics.bootstrap_ci` with the same seed, so its interval for one metric is the same.
@@ -90,11 +107,13 @@ def summarize(
     table = pd.DataFrame({"value": value, "low": low, "high": high, "n": n}, index=index)
     has_removed = bool((d["condition"] == "removed").any())
     q = quadrants(d, rule) if has_removed else None
-    by_scope = {
-        scope: quadrant_summary(q if scope == rule.scope else quadrants(d, replace(rule, scope=scope)))
+    per_scope = {
+        scope: q if scope == rule.scope else quadrants(d, replace(rule, scope=scope))
         for scope in ("cluster", "original")
         if q is not None
     }
+    by_scope = {k: quadrant_summary(v) for k, v in per_scope.items()}
+    shares = {k: quadrant_shares(v, n_boot, seed, level) for k, v in per_scope.items()}
     return {
         "metrics": table.xs("all", level="by").droplevel("group"),
         "by_family": table.xs("family", level="by"),
@@ -102,6 +121,8 @@ def summarize(
         "quadrants": q,
         "quadrant_summary": by_scope.get(rule.scope),
         "quadrant_summary_by_scope": by_scope or None,
+        "quadrant_shares": shares.get(rule.scope),
+        "quadrant_shares_by_scope": shares or None,
         "choices": {
             **{"rule": asdict(rule), "n_boot": n_boot, "seed": seed, "level": level},
             "ci": "percentile bootstrap over clusters",
