@@ -153,6 +153,18 @@ def test_gallery_without_an_image_source_says_so_and_reads_image_paths(tmp_path:
     assert "no image source passed to the report" in text2  # the other images have no file
 
 
+def test_report_of_a_run_with_the_image_condition_only(tmp_path: Path) -> None:
+    world, rows = small_world()
+    df = predictions(rows)
+    text = write_report(
+        df[df["condition"] == "image"], tmp_path, n_boot=20, images=world.image_for
+    ).read_text()
+    assert "id='quadrants'" not in text and "Dangerous samples" not in text  # quadrants need 'removed'
+    assert text.count('data-kind="flip"') > 0 and 'data-kind="dangerous"' not in text
+    assert "no units" in text  # text-only agreement and swap sensitivity have nothing to count
+    assert text.count('class="plotly-graph-div"') == 1
+
+
 @pytest.mark.parametrize(
     "rule",
     [RULE, QuadrantRule(), QuadrantRule(reliance="margin_shift", min_margin_shift=1.0, scope="original")],

@@ -187,7 +187,8 @@ def _cards(s: dict[str, Any]) -> str:
         cards.append(
             f"<div class='card'><div>Dangerous samples</div><div class='v' style='color:{color}'>"
             f"{fmt_num(float(r['value']))}</div><div class='ci'>[{r['low']:.3f}, {r['high']:.3f}] · n={int(r['n']):,}"
-            "</div><div class='d'>consistent across paraphrases, but answered without the image</div></div>"
+            "</div><div class='d'>answers agree across paraphrases, yet a question is answered the same "
+            "without the image</div></div>"
         )
     return f"<div class='cards'>{''.join(cards)}</div>"
 
@@ -207,7 +208,7 @@ def _glance(df: pd.DataFrame, s: dict[str, Any], rule: QuadrantRule, thumbs: Thu
         if not dang.empty:
             cards.append(
                 (
-                    "Consistent but dangerous: the same answers with the image removed",
+                    "Consistent but dangerous: the answers agree, one ignores the image",
                     dang.iloc[0],
                     "dangerous",
                 )
