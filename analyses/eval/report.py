@@ -23,6 +23,19 @@ def _fmt(row: pd.Series) -> str:
     return f"{row['value']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
+def _num(v: float) -> str:
+    """``0.123``, or ``n/a`` for a missing (NaN) value."""
+    return f"{v:.3f}" if np.isfinite(v) else "n/a"
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Table rows for ``summary.json``, a missing (NaN) value as ``null``."""
+    return [
+        {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+        for r in df.reset_index().to_dict(orient="records")
+    ]
+
+
 def summary_table(
     df: pd.DataFrame,
     n_boot: int = 1000,
@@ -35,16 +48,20 @@ def summary_table(
     lines = ["metric                      value [95% CI]                n"]
     for name, row in s["metrics"].iterrows():
         lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
-    fam = s["by_family"].xs("flip_rate", level="metric")
+    by_family = s["by_family"]
     lines += ["", "flip rate by family         value [95% CI]                n"]
-    for name, row in fam.iterrows():
-        lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
-    if s["quadrant_summary"] is not None:
+    if "flip_rate" in by_family.index.get_level_values("metric"):
+        for name, row in by_family.xs("flip_rate", level="metric").iterrows():
+            lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
+    else:
+        lines.append(f"{'(no paraphrases)':<27} {'n/a':<29} 0")
+    if s["quadrant_summary"] is None:
+        lines += ["", "quadrants: n/a (no 'removed' condition in this run)"]
+    else:
         lines += ["", f"quadrants ({s['choices']['rule']})", "quadrant    count  share  accuracy  entropy"]
         for name, row in s["quadrant_summary"].iterrows():
-            lines.append(
-                f"{name:<11} {int(row['count']):>5}  {row['share']:.3f}  {row['accuracy']:.3f}     {row['mean_entropy']:.3f}"
-            )
+            cells = [_num(row[c]) for c in ("share", "accuracy", "mean_entropy")]
+            lines.append(f"{name:<11} {int(row['count']):>5}  {cells[0]:>5}  {cells[1]:>8}  {cells[2]:>7}")
         counts = {k: v["count"].to_dict() for k, v in s["quadrant_summary_by_scope"].items()}
         lines.append(
             "counts with reliance read over " + "; ".join(f"the {k}: {v}" for k, v in counts.items())
@@ -124,15 +141,12 @@ def write_report(
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     payload = {
-        "metrics": s["metrics"].reset_index().to_dict(orient="records"),
-        "by_family": s["by_family"].reset_index().to_dict(orient="records"),
-        "by_finding": s["by_finding"].reset_index().to_dict(orient="records"),
-        "quadrant_summary": None
-        if s["quadrant_summary"] is None
-        else s["quadrant_summary"].reset_index().to_dict(orient="records"),
+        "metrics": _records(s["metrics"]),
+        "by_family": _records(s["by_family"]),
+        "by_finding": _records(s["by_finding"]),
+        "quadrant_summary": None if s["quadrant_summary"] is None else _records(s["quadrant_summary"]),
         "quadrant_summary_by_scope": {
-            k: v.reset_index().to_dict(orient="records")
-            for k, v in (s["quadrant_summary_by_scope"] or {}).items()
+            k: _records(v) for k, v in (s["quadrant_summary_by_scope"] or {}).items()
         },
         "choices": s["choices"],
         "run": meta,
