@@ -38,46 +38,25 @@ def _cmd_organism_sae(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
-    """``["a=b", "c=d,e=f"]`` -> ``{"a": "b", "c": "d", "e": "f"}``; a clear error for anything else."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        for part in item.split(","):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                raise ValueError(
-                    f"{flag} takes NAME=VALUE pairs (e.g. {flag} their_column=question), got {part!r}"
-                )
-            out[key.strip()] = value.strip()
-    return out
-
-
-def _data_options(args: argparse.Namespace) -> Any:
-    from analyses.data.resolve import DataOptions
-
-    return DataOptions(
-        column_map=_pairs(getattr(args, "column_map", None), "--column-map"),
-        phenomenon_map=_pairs(getattr(args, "phenomenon_map", None), "--phenomenon-map"),
-        yesno=getattr(args, "yesno", "auto"),
-        metadata=getattr(args, "metadata", None),
-        frontal_only=not getattr(args, "all_views", False),
-    )
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from analyses.data.resolve import NAMED_DATA, check_n_images, check_split, resolve_data, resolve_model
+    from analyses.data.resolve import (
+        NAMED_DATA,
+        check_n_images,
+        check_split,
+        data_options,
+        resolve_data,
+        resolve_model,
+    )
     from analyses.eval.evaluate import EvalConfig, evaluate
     from analyses.eval.quadrants import QuadrantRule
     from analyses.eval.report import summary_table, write_report
 
     check_split(args.split)  # every argument is checked before the model loads
     check_n_images(args.n_images)
-    conditions = tuple(
-        c.strip() for c in getattr(args, "conditions", "image,removed,swap_random,swap_label").split(",")
-    )
-    cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)  # type: ignore[arg-type]
+    conditions: Any = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
+    cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
-    options = _data_options(args)
+    options = data_options(args)
     data = None
     if args.data not in NAMED_DATA:  # a file or hub dataset: read it before the (slow) model load
         data = resolve_data(args.data, args.split, args.n_images, None, args.image_root, options)
@@ -89,7 +68,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     df = evaluate(
         adapter, data.rows, data.images, out, cfg, progress=not args.quiet,
-        skipped=data.problems, overwrite=getattr(args, "overwrite", False),
+        skipped=data.problems, overwrite=args.overwrite,
     )  # fmt: skip
     if df.empty:
         raise ValueError(f"no predictions were made: every row was left out (see {out / 'skipped.jsonl'})")
@@ -97,10 +76,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = write_report(
         df, out, title=f"flipscope eval: {args.model}", n_boot=args.n_boot, seed=args.seed, rule=rule
     )
-    n_skipped = len(data.problems)
     print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
-    if n_skipped or (out / "skipped.jsonl").exists():
-        print(f"skipped rows (row, line, reason): {out / 'skipped.jsonl'}")
+    if (out / "skipped.jsonl").exists():
+        print(f"rows left out (row, line, reason): {out / 'skipped.jsonl'}")
     return 0
 
 
@@ -110,6 +88,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data="synthcxr",
         image_root=None,
         split="test",
+        conditions="image,removed,swap_random,swap_label",
         n_images=args.n_images,
         removal="gray",
         batch_size=128,
@@ -117,7 +96,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=str(Path(args.out)),
         quiet=False,
         n_boot=200,
-        overwrite=False,
+        overwrite=args.overwrite,
         reliance="margin_shift",  # the organism's image-removed margins sit near 0: signs are coin flips
         min_margin_shift=1.0,
     )
@@ -142,6 +121,8 @@ def _cmd_info(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analyses.data.resolve import add_data_arguments
+
     p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -171,27 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="'synthcxr'; a file (jsonl/json/csv/parquet, .gz ok) in the flipscope, PSF-Med / flip-bank or "
         "CheXpert-label layout; or a hub dataset such as saillab/psf-med:mimic",
     )
-    ev.add_argument(
-        "--image-root", default=None, help="folder image paths are relative to (default: the file's)"
-    )
     ev.add_argument("--split", default="test")
     ev.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
-    ev.add_argument(
-        "--column-map", action="append", help="THEIR_COLUMN=NAME (repeat or comma-separate): rename columns"
-    )
-    ev.add_argument(
-        "--phenomenon-map",
-        action="append",
-        help="PSF-Med PHENOMENON=FAMILY or =skip, e.g. negation_pattern=syntactic (default map: docs)",
-    )
-    ev.add_argument(
-        "--yesno",
-        default="auto",
-        choices=["auto", "is_yesno", "is_yesno_claude", "both", "either", "answer"],
-        help="PSF-Med yes/no filter: auto = every yes/no flag column present must be true",
-    )
-    ev.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv for MIMIC label tables")
-    ev.add_argument("--all-views", action="store_true", help="label tables: lateral views too")
+    add_data_arguments(ev)
     ev.add_argument(
         "--conditions",
         default="image,removed,swap_random,swap_label",
@@ -218,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="evaluate the shipped organism and write a report")
     demo.add_argument("--n-images", type=int, default=120)
     demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
+    demo.add_argument("--overwrite", action="store_true", help="start the --out folder afresh")
     demo.set_defaults(func=_cmd_demo)
 
     from lora_targeted.cli import add_lora_parser

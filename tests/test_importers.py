@@ -154,6 +154,31 @@ def test_phenomenon_map_yesno_filter_and_column_map(tmp_path: Path, mimic_root: 
     assert again.rows == psfmed_rows(read_records(path), mimic_root, "test").rows
 
 
+def test_yesno_filters_read_each_side_on_its_flags(tmp_path: Path, mimic_root: Path) -> None:
+    cols = [*PAIR_COLUMNS, "paraphrase_is_yesno", "paraphrase_is_yesno_claude"]
+    base = pair("d1", "q1", "Is there cardiomegaly?", "Is the heart enlarged?", "lexical_substitution", "yes")
+    rows = [  # flags: question (regex, claude), paraphrase (regex, claude)
+        [*base[:8], "1", "1", "1", "1"],
+        [*base[:5], "Is the heart big?", *base[6:8], "1", "0", "1", "1"],
+        [*base[:5], "Heart big?", *base[6:8], "1", "1", "0", "1"],
+        [*base[:5], "Big heart?", *base[6:8], "1", "1", "0", "0"],
+    ]
+    path = write_table(rows, cols, tmp_path / "flags.csv")
+    kept = {
+        mode: {r.question for r in psfmed_rows(read_records(path), mimic_root, "test", yesno=mode).rows}
+        for mode in ("auto", "both", "either", "is_yesno", "is_yesno_claude", "answer")
+    }
+    q = "Is there cardiomegaly?"
+    assert kept["auto"] == kept["both"] == {q, "Is the heart enlarged?"}
+    assert kept["either"] == {q, "Is the heart enlarged?", "Is the heart big?", "Heart big?"}
+    assert kept["is_yesno"] == {q, "Is the heart enlarged?", "Is the heart big?"}
+    assert kept["is_yesno_claude"] == {q, "Is the heart enlarged?", "Heart big?"}
+    assert kept["answer"] == {q, "Is the heart enlarged?", "Is the heart big?", "Heart big?", "Big heart?"}
+    with pytest.raises(ValueError, match="no yes/no flag column"):
+        psfmed_rows(read_records(write_table([base[:8]], PAIR_COLUMNS[:8], tmp_path / "n.csv")), mimic_root,
+                    "test", yesno="is_yesno")  # fmt: skip
+
+
 def test_nested_paraphrases(tmp_path: Path) -> None:
     Image.new("L", (8, 8), 90).save(tmp_path / "a.png")
     rec = {"image_id": "a.png", "question": "Is there atelectasis?", "answer": "no", "is_yesno": True,

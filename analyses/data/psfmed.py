@@ -30,7 +30,7 @@ Unknown names are skipped and counted, never guessed.
 present (``is_yesno``, ``is_yesno_claude`` and their paraphrase-side versions) is true; ``is_yesno`` /
 ``is_yesno_claude`` use one flag, ``both`` / ``either`` combine them, ``answer`` ignores the flags. In
 every mode the answer must read as yes or no (it is the ground truth). Every record left out is a
-:class:`~analyses.data.schema.SkippedRow` with its line.
+:class:`~analyses.data.schema.SkippedRow` with its line. Tables of all of it: docs/data.md.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ DEFAULT_PHENOMENA: dict[str, str] = {
 SKIP = "skip"
 YESNO_FLAGS: tuple[str, ...] = ("is_yesno", "is_yesno_claude")
 YESNO_FILTERS: tuple[str, ...] = ("auto", "is_yesno", "is_yesno_claude", "both", "either", "answer")
-#: Finding key -> words that name it in a question (first match in this order wins).
+#: Finding key -> words that name it in a question (whole words, plural ``s`` / ``es`` allowed); the first
+#: finding in this order that the question names wins.
 FINDING_WORDS: dict[str, tuple[str, ...]] = {
     "cardiomegaly": ("cardiomegaly", "enlarged heart", "heart enlarged", "cardiac enlargement", "enlarged cardiac"),
     "pleural_effusion": ("pleural effusion", "effusion", "pleural fluid"),
@@ -94,7 +95,7 @@ FINDING_WORDS: dict[str, tuple[str, ...]] = {
     "pneumonia": ("pneumonia",),
     "fracture": ("fracture",),
     "nodule_mass": ("nodule", "mass"),
-    "lung_opacity": ("opacity", "opacities", "infiltrat"),
+    "lung_opacity": ("opacity", "opacities", "infiltrate", "infiltration"),
     "support_devices": ("tube", "catheter", "pacemaker", "line", "device"),
 }  # fmt: skip
 UNSPECIFIED = "unspecified"
@@ -170,9 +171,15 @@ def looks_like_psfmed(columns: list[str], column_map: Mapping[str, str] | None =
     return "question" in roles and ("paraphrase" in roles or "paraphrases" in roles)
 
 
+_FINDING_RES = {
+    key: re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")(?:s|es)?\b")
+    for key, words in FINDING_WORDS.items()
+}
+
+
 def _finding(text: str) -> str:
     low = text.lower()
-    return next((key for key, words in FINDING_WORDS.items() if any(w in low for w in words)), UNSPECIFIED)
+    return next((key for key, pattern in _FINDING_RES.items() if pattern.search(low)), UNSPECIFIED)
 
 
 def _short_hash(text: str) -> str:
@@ -227,10 +234,14 @@ class _Import:
         self.problems.append(SkippedRow(name, reason, detail, index, line))
 
     def yes_no(self, pair: dict[str, Any], flags: list[str]) -> bool:
+        """Whether the question and the paraphrase are both yes/no under the filter (each side on its flags)."""
         if self.yesno == "answer" or not flags:
             return True
-        values = [parse_answer(pair.get(f)) is True for f in flags]
-        return any(values) if self.yesno == "either" else all(values)
+        sides: dict[bool, list[bool]] = {}
+        for f in flags:
+            sides.setdefault(f.startswith("paraphrase_"), []).append(parse_answer(pair.get(f)) is True)
+        combine = any if self.yesno == "either" else all
+        return all(combine(v) for v in sides.values())
 
     def image(self, pair: dict[str, Any]) -> tuple[str, str, str, str]:
         """(image key, path, skip reason, detail) of a pair's image, found and checked once per key."""

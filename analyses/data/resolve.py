@@ -27,6 +27,7 @@ function elsewhere) + one row here.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -244,3 +245,51 @@ def resolve_data(
             why = f" ({got.report().splitlines()[0]}{'; ' + counts if counts else ''})"
         raise ValueError(f"--data {spec}: no rows of split {split!r} to evaluate{why}")
     return Dataset(rows, data.images, data.source, data.report, data.extra, data.problems)
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["a=b", "c=d,e=f"]`` -> ``{"a": "b", "c": "d", "e": "f"}``; a clear error for anything else."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        for part in item.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ValueError(
+                    f"{flag} takes NAME=VALUE pairs (e.g. {flag} their_column=question), got {part!r}"
+                )
+            out[key.strip()] = value.strip()
+    return out
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every command that reads ``--data`` shares (besides ``--data``, ``--split``, ``--n-images``)."""
+    p.add_argument(
+        "--image-root", default=None, help="folder image paths are relative to (default: the file's)"
+    )
+    p.add_argument(
+        "--column-map", action="append", help="THEIR_COLUMN=NAME (repeat or comma-separate): rename columns"
+    )
+    p.add_argument(
+        "--phenomenon-map",
+        action="append",
+        help="PSF-Med PHENOMENON=FAMILY or =skip, e.g. negation_pattern=syntactic (defaults: docs/data.md)",
+    )
+    p.add_argument(
+        "--yesno",
+        default="auto",
+        choices=list(YESNO_FILTERS),
+        help="PSF-Med yes/no filter: auto = every yes/no flag column present must be true",
+    )
+    p.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv for MIMIC label tables")
+    p.add_argument("--all-views", action="store_true", help="label tables: lateral views too")
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    """:class:`DataOptions` from the arguments of :func:`add_data_arguments` (absent ones take defaults)."""
+    return DataOptions(
+        column_map=_pairs(getattr(args, "column_map", None), "--column-map"),
+        phenomenon_map=_pairs(getattr(args, "phenomenon_map", None), "--phenomenon-map"),
+        yesno=getattr(args, "yesno", "auto"),
+        metadata=getattr(args, "metadata", None),
+        frontal_only=not getattr(args, "all_views", False),
+    )
