@@ -192,7 +192,7 @@ def test_nested_paraphrases(tmp_path: Path) -> None:
         ("lexical", False),
         ("voice", False),
     ]
-    assert loaded.skipped == {"not a yes/no question": ["line 1"]}
+    assert loaded.skipped == {"not a yes/no question": ["line 1 paraphrase 3"]}
     assert loaded.rows[0].finding == "atelectasis" and loaded.rows[0].image_path == str(tmp_path / "a.png")
 
 

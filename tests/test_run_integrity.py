@@ -269,3 +269,39 @@ def test_model_errors_are_one_line_with_the_fix(
         assert err.startswith("flipscope: error: --model")
         assert expected in err and "pass" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_data_paths_are_one_line_errors_before_anything_is_written(
+    psf_med: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, root = psf_med
+    out, empty = tmp_path / "o", tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        ("--data", str(tmp_path / "nope.csv")): "question file not found",
+        ("--data", str(data), "--image-root", str(tmp_path / "no_such_dir")): "--image-root",
+        ("--data", str(data), "--image-root", str(empty)): "pass --image-root with the folder",  # no images
+        ("--data", str(data), "--image-root", str(root), "--split", "train"): "no rows of split 'train'",
+        ("--data", str(data), "--image-root", str(root), "--phenomenon-map", "scope"): "NAME=VALUE",
+        (
+            "--data",
+            str(data),
+            "--image-root",
+            str(root),
+            "--phenomenon-map",
+            "scope=negation",
+        ): "must be a family",
+    }
+    for args, expected in cases.items():
+        assert main(["eval", *args, "--out", str(out), "--quiet"]) == 2, args
+        err = _error(capsys.readouterr().err)
+        assert expected in err, (args, err)
+    assert not out.exists()
+
+
+def test_no_rows_is_refused_and_writes_nothing(
+    tiny: VLMAdapter, world: SynthCXRWorld, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="no question rows"):
+        evaluate(tiny, [], world.image_for, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

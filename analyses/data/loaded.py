@@ -91,7 +91,8 @@ class LoadedRows:
             lines.append(f"  {reason}: {len(ids)} ({', '.join(ids[:max_ids])}{more})")
             example = next(p for p in self.problems if p.reason == reason)
             if example.detail:
-                at = f" (line {example.line})" if example.line is not None else ""
+                named = example.line is None or example.qid == f"line {example.line}"
+                at = "" if named else f" (line {example.line})"
                 lines.append(f"    e.g. {example.qid}{at}: {example.detail}")
         return "\n".join(lines)
 

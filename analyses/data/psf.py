@@ -403,4 +403,16 @@ def psf_rows(
         source=records.source,
         image_paths={k: v for k, v in st.image_paths.items() if k in used},
         n_other_split=len(st.other_split),
+        notes=_missing_note(problems, root),
+    )
+
+
+def _missing_note(problems: list[SkippedRow], root: Path) -> tuple[str, ...]:
+    """How many image files were not found, with an example and the fix (empty when none is missing)."""
+    missing = sorted({p.detail for p in problems if p.reason == "missing image"})
+    if not missing:
+        return ()
+    return (
+        f"{len(missing)} image files not found under {root} ({missing[0]}); "
+        "pass --image-root with the folder that holds them",
     )

@@ -274,10 +274,11 @@ def _flags(roles: dict[str, str], yesno: str, nested: bool) -> list[str]:
     return present + side
 
 
-def _pair(st: _Import, pair: dict[str, Any], flags: list[str], index: int, line: int | None) -> None:
-    """One original-paraphrase pair -> its original (made once) and its paraphrase row, or a skip."""
+def _pair(
+    st: _Import, pair: dict[str, Any], flags: list[str], name: str, index: int, line: int | None
+) -> None:
+    """One original-paraphrase pair -> its original (made once) and its paraphrase row, or a skip (as ``name``)."""
     question, para = _text(pair.get("question")), _text(pair.get("paraphrase"))
-    name = f"line {line}" if line is not None else f"row {index}"
     split = SPLIT_ALIASES.get(_text(pair.get("split")).lower() or st.default_split)
     if split is None:
         return st.skip(name, "invalid split", f"split={pair.get('split')!r}", index, line)
@@ -387,9 +388,10 @@ def psfmed_rows(
                 index,
                 line,
             )
-        for pair in pairs:
+        where = f"line {line}" if line is not None else f"row {index}"
+        for i, pair in enumerate(pairs, 1):
             n_pairs += 1
-            _pair(st, pair, flags, index, line)
+            _pair(st, pair, flags, f"{where} paraphrase {i}" if nested else where, index, line)
     return LoadedRows(
         rows=st.rows,
         problems=st.problems,

@@ -217,6 +217,10 @@ def resolve_data(
     """
     check_split(split)
     check_n_images(n_images)
+    if image_root is not None and not Path(image_root).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"--image-root {image_root}: no such folder; pass the folder that holds the images"
+        )
     if spec in NAMED_DATA:
         data: Dataset = _entry(NAMED_DATA[spec])(split, model_dir)
     else:
@@ -241,8 +245,9 @@ def resolve_data(
         got = data.extra.get("loaded")
         why = ""
         if isinstance(got, LoadedRows):
-            counts = "; ".join(f"{reason}: {len(ids)}" for reason, ids in got.skipped.items())
-            why = f" ({got.report().splitlines()[0]}{'; ' + counts if counts else ''})"
+            counts = [f"{reason}: {len(ids)}" for reason, ids in got.skipped.items()]
+            hints = [n for n in got.notes if "--image-root" in n or "--phenomenon-map" in n]
+            why = " (" + "; ".join([got.report().splitlines()[0], *counts, *hints]) + ")"
         raise ValueError(f"--data {spec}: no rows of split {split!r} to evaluate{why}")
     return Dataset(rows, data.images, data.source, data.report, data.extra, data.problems)
 
