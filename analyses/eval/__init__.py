@@ -1,9 +1,10 @@
 """Evaluation: run a model over question rows under image conditions, score it, report it.
 
 - :mod:`analyses.eval.predictions`: the predictions table (conditions, columns) and the run folder
+- :mod:`analyses.eval.fingerprint`: content hashes of a run's weights and images (a resume never mixes runs)
 - :mod:`analyses.eval.evaluate`: ``EvalConfig``, ``evaluate`` (plan, encode, score, write; resumable)
 - :mod:`analyses.eval.metrics`: flip rate, text-only agreement, swap sensitivity, quadrants, ``summarize``
 - :mod:`analyses.eval.report`: text summary, plotly figures, ``report.html``
 
-Metric definitions: ``docs/metrics.md``.
+Metric definitions: ``docs/metrics.md``; the run folder: ``docs/data.md``.
 """
