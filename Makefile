@@ -43,6 +43,7 @@ organism: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_patching.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_fingerprint.py
 
 clean-venv:
 	rm -rf $(VENV)

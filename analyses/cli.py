@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_RUNS = Path("runs")
 
@@ -38,21 +39,39 @@ def _cmd_organism_sae(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from analyses.data.resolve import check_n_images, check_split, resolve_data, resolve_model
+    from analyses.data.resolve import (
+        NAMED_DATA,
+        check_n_images,
+        check_split,
+        data_options,
+        resolve_data,
+        resolve_model,
+    )
     from analyses.eval.evaluate import EvalConfig, evaluate
     from analyses.eval.quadrants import QuadrantRule
     from analyses.eval.report import summary_table, write_report
 
     check_split(args.split)  # every argument is checked before the model loads
     check_n_images(args.n_images)
-    cfg = EvalConfig(removal=args.removal, batch_size=args.batch_size, seed=args.seed)
+    conditions: Any = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
+    cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
+    options = data_options(args)
+    data = None
+    if args.data not in NAMED_DATA:  # a file or hub dataset: read it before the (slow) model load
+        data = resolve_data(args.data, args.split, args.n_images, None, args.image_root, options)
     adapter, model_dir = resolve_model(args.model)
-    data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root)
+    if data is None:
+        data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
     if data.report:
         print(data.report)
     out = Path(args.out)
-    df = evaluate(adapter, data.rows, data.images, out, cfg, progress=not args.quiet)
+    df = evaluate(
+        adapter, data.rows, data.images, out, cfg, progress=not args.quiet,
+        skipped=data.problems, overwrite=args.overwrite,
+    )  # fmt: skip
+    if df.empty:
+        raise ValueError(f"no predictions were made: every row was left out (see {out / 'skipped.jsonl'})")
     print(summary_table(df, n_boot=args.n_boot, seed=args.seed, rule=rule))
     report = write_report(
         df,
@@ -65,6 +84,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data=data.source,
     )
     print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
+    if (out / "skipped.jsonl").exists():
+        print(f"rows left out (row, line, reason): {out / 'skipped.jsonl'}")
     return 0
 
 
@@ -74,6 +95,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data="synthcxr",
         image_root=None,
         split="test",
+        conditions="image,removed,swap_random,swap_label",
         n_images=args.n_images,
         removal="gray",
         batch_size=128,
@@ -81,6 +103,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=str(Path(args.out)),
         quiet=False,
         n_boot=200,
+        overwrite=args.overwrite,
         reliance="margin_shift",  # the organism's image-removed margins sit near 0: signs are coin flips
         min_margin_shift=1.0,
     )
@@ -126,6 +149,8 @@ def _cmd_info(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from analyses.data.resolve import add_data_arguments
+
     p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -150,13 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="paraphrase-sensitivity evaluation (resumable)")
     ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
     ev.add_argument(
-        "--data", default="synthcxr", help="'synthcxr' or a PSF-Med-style file (jsonl/csv/parquet)"
-    )
-    ev.add_argument(
-        "--image-root", default=None, help="folder image paths are relative to (default: the file's)"
+        "--data",
+        default="synthcxr",
+        help="'synthcxr'; a file (jsonl/json/csv/parquet, .gz ok) in the flipscope, PSF-Med / flip-bank or "
+        "CheXpert-label layout; or a hub dataset such as saillab/psf-med:mimic",
     )
     ev.add_argument("--split", default="test")
     ev.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    add_data_arguments(ev)
+    ev.add_argument(
+        "--conditions",
+        default="image,removed,swap_random,swap_label",
+        help="comma-separated subset of image, removed, swap_random, swap_label",
+    )
     ev.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
@@ -169,12 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--min-margin-shift", type=float, default=1.0, help="logits, for --reliance margin_shift")
     ev.add_argument("--out", default=str(DEFAULT_RUNS / "eval"))
+    ev.add_argument(
+        "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
+    )
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo", help="evaluate the shipped organism and write a report")
     demo.add_argument("--n-images", type=int, default=120)
     demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
+    demo.add_argument("--overwrite", action="store_true", help="start the --out folder afresh")
     demo.set_defaults(func=_cmd_demo)
 
     cmp = sub.add_parser(
@@ -214,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"flipscope: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # user errors (bad value, missing file or model, hub unreachable)
+        print(f"flipscope: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

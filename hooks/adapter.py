@@ -54,6 +54,17 @@ class AdapterConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+def _hub_snapshot(name: str | Path, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model just loaded (from the HF cache, no network), or ``None``."""
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(name), "config.json", revision=revision, local_files_only=True)
+    except OSError:
+        return None
+    return Path(found).parent if found else None
+
+
 class VLMAdapter:
     """A loaded VLM with typed sites and a yes/no decision margin.
 
@@ -134,9 +145,13 @@ class VLMAdapter:
         )
         adapter = cls(model, processor, config, name=str(name_or_path))
         adapter.revision = revision or getattr(hf_config, "_commit_hash", None) or "local"
+        adapter.weights_dir = path.absolute() if is_local else _hub_snapshot(name_or_path, revision)
         return adapter
 
     revision: str | None = None
+    weights_dir: Path | None = None
+    """The folder the weights were loaded from (a local folder or the hub cache's snapshot); ``None`` for a
+    model built in memory. Run folders fingerprint the weight files found here."""
 
     @property
     def device(self) -> torch.device:

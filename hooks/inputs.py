@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from hooks.medimage import minmax_to_uint8, read_image, to_rgb8
+
 DEFAULT_TEMPLATE = "Question: {q}\nAnswer with only 'yes' or 'no'."
 RemovalKind = Literal["gray", "white", "noise", "none"]
 REMOVALS: tuple[str, ...] = ("gray", "white", "noise", "none")
@@ -94,24 +96,23 @@ class Box:
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a PIL image, a uint8 array (H, W) or (H, W, 3), or a file path."""
+    """An 8-bit RGB PIL image from a PIL image, an array, or a file path (DICOM, 16-bit PNG, JPEG, ...).
+
+    Files, 16-bit PIL images and uint16 (H, W) arrays go through :mod:`hooks.medimage` (DICOM windowing,
+    MONOCHROME1 inversion, 16-bit scaled min..max to 8-bit); uint8 arrays are (H, W) or (H, W, 3).
+    """
     if isinstance(image, str | Path):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path} (check the dataset's image root)")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+        return read_image(image)
     if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16 and image.ndim == 2:
+            return Image.fromarray(minmax_to_uint8(image)).convert("RGB")
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(
-                f"image arrays must be uint8 (H, W) or (H, W, 3); got {image.dtype} {image.shape}"
+                f"image arrays must be uint8 (H, W) or (H, W, 3), or uint16 (H, W); got {image.dtype} {image.shape}"
             )
         return Image.fromarray(image).convert("RGB")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb8(image)
     raise TypeError(f"unsupported image type {type(image).__name__}; pass a PIL image, uint8 array or path")
 
 

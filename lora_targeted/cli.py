@@ -31,9 +31,11 @@ def _parse_layers(text: str) -> list[int]:
 
 def _data(args: argparse.Namespace, model_dir: Path | None, split: str) -> tuple[list[Any], ImageSource]:
     """(rows of ``split``, image source), through the one ``--data`` resolver."""
-    from analyses.data.resolve import resolve_data
+    from analyses.data.resolve import data_options, resolve_data
 
-    data = resolve_data(args.data, split, args.n_images, model_dir)
+    data = resolve_data(args.data, split, args.n_images, model_dir, args.image_root, data_options(args))
+    if data.report:
+        print(data.report)
     return data.rows, data.images
 
 
@@ -113,14 +115,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def add_lora_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``lora train`` and ``lora compare`` to a top-level ``add_subparsers()`` object."""
+    from analyses.data.resolve import add_data_arguments
+
     lora = subparsers.add_parser("lora", help="targeted LoRA: train on chosen text layers, compare")
     sub = lora.add_subparsers(dest="action", required=True)
 
     def common(p: argparse.ArgumentParser, split: str) -> None:
         p.add_argument("--model", default="organism", help="'organism', a local model folder, or a hub id")
-        p.add_argument("--data", default="synthcxr", help="'synthcxr' or a PSF-Med-style file")
+        p.add_argument(
+            "--data",
+            default="synthcxr",
+            help="'synthcxr', a question / label file or a hub dataset (docs/data.md)",
+        )
         p.add_argument("--split", default=split)
         p.add_argument("--n-images", type=int, default=0, help="use only the first N images (0 = all)")
+        add_data_arguments(p)
         p.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true")

@@ -18,6 +18,15 @@ IMAGE_SIZES = {"gemma3": 64, "llava": 32}
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _weights_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run folders cache weight hashes in ~/.cache/flipscope; tests use a folder of their own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLIPSCOPE_CACHE", str(tmp_path_factory.mktemp("flipscope-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).

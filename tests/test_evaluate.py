@@ -157,8 +157,12 @@ def test_unreadable_image_is_reported_and_skipped(
     df = evaluate(
         adapter, rows, source, tmp_path, EvalConfig(conditions=("image", "removed")), progress=False
     )
-    skipped = json.loads((tmp_path / "skipped.json").read_text())
-    assert skipped["count"] == 1 and bad in skipped["images"]
+    skipped = [json.loads(x) for x in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    bad_rows = {r.qid for r in rows if r.image_id == bad}
+    assert {(s["row"], s["condition"]) for s in skipped} == {
+        (q, c) for q in bad_rows for c in ("image", "removed")
+    }
+    assert {s["reason"] for s in skipped} == {"unreadable image"} and all(bad in s["detail"] for s in skipped)
     assert bad not in set(df["image_id"]) and len(df) == 2 * sum(r.image_id != bad for r in rows)
 
 

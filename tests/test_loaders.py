@@ -230,21 +230,25 @@ def test_file_level_errors(tmp_path: Path) -> None:
         load_psf_rows(tmp_path / "absent.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "header.csv").write_text("qid,image_id\n")
-    (tmp_path / "torn.jsonl").write_text('{"qid": "a"}\n{"qid": \n')
-    for name, match in [("empty.jsonl", "is empty"), ("header.csv", "no data"), ("torn.jsonl", "JSON parse")]:
+    (tmp_path / "torn.jsonl").write_text('{"qid": \n')  # one malformed line and nothing else
+    for name, match in [
+        ("empty.jsonl", "is empty"),
+        ("header.csv", "no data"),
+        ("torn.jsonl", "not valid JSON"),
+    ]:
         with pytest.raises(ValueError, match=match):
             load_psf_rows(tmp_path / name)
 
 
 def test_image_for_and_checks_once(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    verify = psf._verify_image
+    verify = psf.verify_image
 
     def counting(path: str) -> str:
         calls.append(path)
         return verify(path)
 
-    monkeypatch.setattr(psf, "_verify_image", counting)
+    monkeypatch.setattr(psf, "verify_image", counting)
     before = sorted(p.name for p in data_dir.rglob("*"))
     loaded = load_psf_rows(_write(_frame(_all_records()), data_dir / "psf.jsonl"))
     assert sorted(calls) == sorted(str(data_dir / "imgs" / f"{n}.png") for n in ("a", "b", "c", "broken"))
@@ -263,8 +267,8 @@ def test_loaded_rows_validation() -> None:
         LoadedRows(rows=[row], problems=[], n_read=2, source="x", image_paths={"a": "a.png"})
     with pytest.raises(ValueError, match="without an image path"):
         LoadedRows(rows=[row], problems=[], n_read=1, source="x", image_paths={})
-    with pytest.raises(ValueError, match="unknown reason"):
-        SkippedRow("q", "because")
+    with pytest.raises(ValueError, match="reason is empty"):
+        SkippedRow("q", " ")
     assert psf.parse_ground_truth(2) is None and psf.parse_polarity(True) is None
 
 

@@ -1,7 +1,7 @@
 """Real-data loaders: PSF-Med-style question files, VinDr-CXR boxes and MIMIC-CXR-JPG image paths.
 
-:func:`load_psf_rows` reads a question file (JSON Lines, CSV or parquet, chosen by the suffix) into
-:class:`~analyses.data.schema.QuestionRow` objects. Expected columns (:data:`EXPECTED_COLUMNS`; rename yours
+:func:`load_psf_rows` reads a question file (JSON Lines, JSON, CSV or parquet, optionally gzipped, chosen by the
+suffix; :mod:`analyses.data.records`) into :class:`~analyses.data.schema.QuestionRow` objects. Expected columns (:data:`EXPECTED_COLUMNS`; rename yours
 onto them with ``column_map={"yours": "expected"}``):
 
 - ``qid`` unique row id; ``image_id`` (also the key into box tables); ``question``, the text exactly as
@@ -13,24 +13,23 @@ onto them with ``column_map={"yours": "expected"}``):
 - ``split``: train, val (or validation) or test; ``image_path``: relative to ``image_root`` (default:
   the question file's folder) or absolute.
 
-Other columns are carried in ``QuestionRow.meta`` as strings. A bad row never crashes the load and is
-never silently dropped: it is recorded with its reason (see :data:`REASONS`) in
-:attr:`LoadedRows.problems`, and :meth:`LoadedRows.report` prints the counts with example ids.
+Other columns are carried in ``QuestionRow.meta`` as strings. A bad row (or a malformed line) never crashes
+the load and is never silently dropped: it is recorded with its reason (see :data:`REASONS`) and line in
+:attr:`LoadedRows.problems`, and :meth:`LoadedRows.report` prints the counts with example ids. Images may be
+DICOM, 16-bit PNG or any 8-bit format PIL reads (:mod:`hooks.medimage`).
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from analyses.data.schema import FAMILIES, ORIGINAL, QuestionRow
+from analyses.data.loaded import LoadedRows
+from analyses.data.records import FORMATS, MALFORMED, Records, read_records
+from analyses.data.schema import FAMILIES, ORIGINAL, SPLIT_ALIASES, QuestionRow, SkippedRow
+from hooks.medimage import verify_image
 
 __all__ = [
     "EXPECTED_COLUMNS",
@@ -42,6 +41,7 @@ __all__ = [
     "load_psf_rows",
     "parse_ground_truth",
     "parse_polarity",
+    "psf_rows",
 ]
 
 #: Columns every PSF-Med-style file must have (after ``column_map``); ``patient_id`` is optional.
@@ -58,95 +58,8 @@ EXPECTED_COLUMNS: tuple[str, ...] = (
     "image_path",
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id",)
-#: File suffix -> ``datasets`` builder.
-FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SPLIT_NAMES: dict[str, str] = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _TRUTH_WORDS = {"yes": True, "no": False, "true": True, "false": False}
 _POLARITY_WORDS = {"preserve": 1, "invert": -1}
-
-
-@dataclass(frozen=True)
-class SkippedRow:
-    """One row of a question file that was left out, and why."""
-
-    qid: str
-    """The row's qid (``row <index>`` when the qid itself is missing)."""
-    reason: str
-    """One of :data:`REASONS` (the reasons of :data:`ROW_CHECKS`, in order)."""
-    detail: str = ""
-    """What exactly was wrong: the value, the path, or QuestionRow's message."""
-    index: int = -1
-    """0-based position of the row in the file (-1 if unknown)."""
-
-    def __post_init__(self) -> None:
-        if not self.qid:
-            raise ValueError("SkippedRow.qid is empty: use 'row <index>' for rows without a qid")
-        if self.reason not in REASONS:
-            raise ValueError(f"SkippedRow {self.qid!r}: unknown reason {self.reason!r}; see REASONS")
-
-
-@dataclass(frozen=True)
-class LoadedRows:
-    """The result of :func:`load_psf_rows`: the valid rows, every skipped row, and the image paths."""
-
-    rows: list[QuestionRow]
-    """Valid question rows, in file order."""
-    problems: list[SkippedRow]
-    """Every skipped row with its reason and detail, in file order per check."""
-    n_read: int
-    """Rows read from the file (= loaded + skipped + rows of other splits)."""
-    source: str
-    """The file the rows came from."""
-    image_paths: dict[str, str]
-    """image_id -> image file for every loaded row."""
-    n_other_split: int = 0
-    """Rows left out because they belong to another split than the one asked for (not errors)."""
-
-    def __post_init__(self) -> None:
-        if self.n_read != len(self.rows) + len(self.problems) + self.n_other_split:
-            raise ValueError(
-                f"LoadedRows: n_read={self.n_read} != loaded {len(self.rows)} + skipped {len(self.problems)} "
-                f"+ other splits {self.n_other_split}: every row read must be accounted for"
-            )
-        qids = [r.qid for r in self.rows]
-        if len(set(qids)) != len(qids):
-            raise ValueError("LoadedRows: loaded rows have duplicate qids")
-        unmapped = sorted({r.image_id for r in self.rows} - set(self.image_paths))
-        if unmapped:
-            raise ValueError(f"LoadedRows: image_ids without an image path: {unmapped[:10]}")
-
-    @property
-    def skipped(self) -> dict[str, list[str]]:
-        """Reason -> qids of the rows skipped for it (in :data:`REASONS` order, empty reasons left out)."""
-        by_reason = {reason: [p.qid for p in self.problems if p.reason == reason] for reason in REASONS}
-        return {reason: ids for reason, ids in by_reason.items() if ids}
-
-    def image_for(self, row_or_image_id: QuestionRow | str) -> Image.Image:
-        """The RGB image of a row (or of an image id); ``KeyError`` for an id not in this load."""
-        image_id = row_or_image_id if isinstance(row_or_image_id, str) else row_or_image_id.image_id
-        path = self.image_paths.get(image_id)
-        if path is None and not isinstance(row_or_image_id, str) and row_or_image_id.image_path:
-            path = row_or_image_id.image_path
-        if path is None:
-            n = len(self.image_paths)
-            raise KeyError(f"image_id {image_id!r} is not among the {n} images loaded from {self.source}")
-        with Image.open(path) as im:
-            return im.convert("RGB")
-
-    def report(self, max_ids: int = 10) -> str:
-        """Multi-line summary: rows read / loaded / skipped, then per reason the count, ids and one detail."""
-        lines = [
-            f"{self.source}: read {self.n_read} rows, loaded {len(self.rows)} "
-            f"({len({r.image_id for r in self.rows})} images), skipped {len(self.problems)}"
-            + (f", {self.n_other_split} in other splits (not loaded)" if self.n_other_split else "")
-        ]
-        for reason, ids in self.skipped.items():
-            more = f" ... and {len(ids) - max_ids} more" if len(ids) > max_ids else ""
-            lines.append(f"  {reason}: {len(ids)} ({', '.join(ids[:max_ids])}{more})")
-            example = next(p for p in self.problems if p.reason == reason)
-            if example.detail:
-                lines.append(f"    e.g. {example.qid}: {example.detail}")
-        return "\n".join(lines)
 
 
 def _missing(v: Any) -> bool:
@@ -192,45 +105,8 @@ def parse_polarity(v: Any) -> int | None:
     return int(num) if num in (1.0, -1.0) else None
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """All rows of a JSON Lines / CSV / parquet file via ``datasets`` (nothing written next to the data)."""
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"cannot read {path}: unsupported suffix {path.suffix!r}; use {sorted(FORMATS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"question file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty")
-    import datasets
-
-    kwargs: dict[str, Any] = {}
-    if fmt == "csv":  # read every column as text so ids like "007" survive; values are parsed below
-        with path.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if not header:
-            raise ValueError(f"cannot read {path}: the CSV file has no header row")
-        kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in header})
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        with tempfile.TemporaryDirectory(prefix="flipscope-datasets-") as cache:
-            ds = datasets.load_dataset(
-                fmt, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True, **kwargs
-            )
-            records = list(ds.to_list())
-    except (ValueError, OSError, TypeError, KeyError, datasets.exceptions.DatasetsError) as err:
-        cause = err.__cause__ or err.__context__ or err  # datasets wraps the arrow / pandas parse error
-        raise ValueError(f"cannot read {path} as {fmt}: {type(cause).__name__}: {cause}") from err
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    if not records:
-        raise ValueError(f"{path} has no rows")
-    return records
-
-
-def _apply_column_map(records: list[dict[str, Any]], cmap_in: Mapping[str, str] | None, path: Path) -> None:
-    columns = list(records[0])
+def _apply_column_map(records: Records, cmap_in: Mapping[str, str] | None) -> None:
+    columns, path = records.columns, records.source
     cmap = dict(cmap_in or {})
     bad_targets = {k: v for k, v in cmap.items() if v not in (*EXPECTED_COLUMNS, *OPTIONAL_COLUMNS)}
     if bad_targets:
@@ -242,12 +118,12 @@ def _apply_column_map(records: list[dict[str, Any]], cmap_in: Mapping[str, str] 
     if clash:
         raise ValueError(f"column_map renames onto {clash}, which {path} already has; map or drop those too")
     if cmap:
-        for i, rec in enumerate(records):
-            records[i] = {cmap.get(k, k): v for k, v in rec.items()}
-    missing = [c for c in EXPECTED_COLUMNS if c not in records[0]]
+        records.rows = [{cmap.get(k, k): v for k, v in rec.items()} for rec in records.rows]
+        records.columns = [cmap.get(c, c) for c in columns]
+    missing = [c for c in EXPECTED_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(
-            f"{path} lacks columns {missing} (it has {list(records[0])}); rename yours with "
+            f"{path} lacks columns {missing} (it has {records.columns}); rename yours with "
             "column_map={'your_name': 'expected_name'}"
         )
 
@@ -255,8 +131,8 @@ def _apply_column_map(records: list[dict[str, Any]], cmap_in: Mapping[str, str] 
 class _Row:
     """What the checks of one record have parsed so far (each check reads earlier fields, sets its own)."""
 
-    def __init__(self, index: int, rec: dict[str, Any]) -> None:
-        self.index, self.rec = index, rec
+    def __init__(self, index: int, rec: dict[str, Any], line: int | None) -> None:
+        self.index, self.rec, self.line = index, rec, line
         self.qid = self.split = self.image_id = self.finding = self.family = self.image_file = ""
         self.polarity: int | None = None
         self.truth: bool | None = None
@@ -286,13 +162,14 @@ def _qid(st: _Load, r: _Row) -> str | None:
 
 def _unique(st: _Load, r: _Row) -> str | None:
     if r.qid in st.seen:
-        return f"row {r.index} (0-based) repeats a qid seen earlier; the first is kept"
+        where = f"line {r.line}" if r.line is not None else f"row {r.index} (0-based)"
+        return f"{where} repeats a qid seen earlier; the first is kept"
     st.seen.add(r.qid)
     return None
 
 
 def _split(st: _Load, r: _Row) -> str | None:
-    r.split = SPLIT_NAMES.get(_text(r.rec.get("split")).lower(), "")
+    r.split = SPLIT_ALIASES.get(_text(r.rec.get("split")).lower(), "")
     return None if r.split else f"split={r.rec.get('split')!r}; expected train, val or test"
 
 
@@ -352,7 +229,7 @@ def _image_exists(st: _Load, r: _Row) -> str | None:
 
 def _image_readable(st: _Load, r: _Row) -> str | None:
     if r.image_file not in st.image_error:
-        st.image_error[r.image_file] = _verify_image(r.image_file)
+        st.image_error[r.image_file] = verify_image(r.image_file)
     err = st.image_error[r.image_file]
     return f"{r.image_file}: {err}" if err else None
 
@@ -448,15 +325,17 @@ ROW_CHECKS: dict[str, tuple[tuple[str, Check], ...]] = {
         ("original missing", _original_present),
     ),
 }
-#: Every reason a row can be skipped for, in the order the checks run (first failing check wins).
-REASONS: tuple[str, ...] = tuple(reason for stage in ROW_CHECKS.values() for reason, _ in stage)
+#: Every reason a row can be skipped for: a malformed line, then the checks in the order they run (first
+#: failing check wins).
+REASONS: tuple[str, ...] = (MALFORMED, *(reason for stage in ROW_CHECKS.values() for reason, _ in stage))
 
 
 def _first_failure(stage: str, st: _Load, r: _Row) -> SkippedRow | None:
     for reason, check in ROW_CHECKS[stage]:
         detail = check(st, r)
         if detail is not None:
-            return SkippedRow(r.qid or f"row {r.index}", reason, detail, r.index)
+            name = r.qid or (f"line {r.line}" if r.line is not None else f"row {r.index}")
+            return SkippedRow(name, reason, detail, r.index, r.line)
     return None
 
 
@@ -466,26 +345,36 @@ def load_psf_rows(
     split: str | None = None,
     column_map: Mapping[str, str] | None = None,
 ) -> LoadedRows:
-    """Read a PSF-Med-style question file; every bad row is skipped and reported, never fatal.
+    """Read a PSF-Med-style question file; every bad row or line is skipped and reported, never fatal.
 
     ``split`` keeps only that split's rows (others are counted, not reported as errors). Images are
-    checked once each (exists, ``PIL.Image.verify``). Variants are kept only if their original was
-    loaded, shows the same image and finding, and their ground truth agrees with the polarity
-    (:data:`ROW_CHECKS`). Raises ``ValueError`` only for file-level problems (suffix, unreadable file,
-    missing columns).
+    checked once each (exists, readable: :func:`hooks.medimage.verify_image`). Variants are kept only if
+    their original was loaded, shows the same image and finding, and their ground truth agrees with the
+    polarity (:data:`ROW_CHECKS`). Raises ``ValueError`` only for file-level problems (suffix, unreadable
+    file, missing columns).
     """
     path = Path(path)
+    root = image_root if image_root is not None else path.parent
+    return psf_rows(read_records(path), root, split, column_map)
+
+
+def psf_rows(
+    records: Records,
+    image_root: str | Path,
+    split: str | None = None,
+    column_map: Mapping[str, str] | None = None,
+) -> LoadedRows:
+    """:func:`load_psf_rows` on records already read (a file or a hub dataset)."""
     if split is not None and split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val, test or None, got {split!r}")
-    root = Path(image_root if image_root is not None else path.parent).expanduser().absolute()
-    records = _read_records(path)
-    _apply_column_map(records, column_map, path)
-    extra = [c for c in records[0] if c not in (*EXPECTED_COLUMNS, *OPTIONAL_COLUMNS)]
+    root = Path(image_root).expanduser().absolute()
+    _apply_column_map(records, column_map)
+    extra = [c for c in records.columns if c not in (*EXPECTED_COLUMNS, *OPTIONAL_COLUMNS)]
     st = _Load(root, split, extra)
-    problems: list[SkippedRow] = []
+    problems: list[SkippedRow] = list(records.problems)
     parsed: list[_Row] = []
-    for i, rec in enumerate(records):
-        r = _Row(i, rec)
+    for i, (rec, line) in enumerate(zip(records.rows, records.lines, strict=True)):
+        r = _Row(i, rec, line)
         problem = _first_failure("key", st, r)
         if problem is None and split is not None and r.split != split:
             st.other_split[r.qid] = r.split
@@ -510,18 +399,20 @@ def load_psf_rows(
     return LoadedRows(
         rows=rows,
         problems=problems,
-        n_read=len(records),
-        source=str(path),
+        n_read=records.n_read,
+        source=records.source,
         image_paths={k: v for k, v in st.image_paths.items() if k in used},
         n_other_split=len(st.other_split),
+        notes=_missing_note(problems, root),
     )
 
 
-def _verify_image(path: str) -> str:
-    """``""`` if PIL can open and verify the file, else the error message."""
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error... for corrupt files
-        return f"{type(err).__name__}: {err}"
-    return ""
+def _missing_note(problems: list[SkippedRow], root: Path) -> tuple[str, ...]:
+    """How many image files were not found, with an example and the fix (empty when none is missing)."""
+    missing = sorted({p.detail for p in problems if p.reason == "missing image"})
+    if not missing:
+        return ()
+    return (
+        f"{len(missing)} image files not found under {root} ({missing[0]}); "
+        "pass --image-root with the folder that holds them",
+    )

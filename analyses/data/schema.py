@@ -16,6 +16,10 @@ from PIL import Image
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Split names found in data files (lower case) -> split (MIMIC-CXR says ``validate``, HF ``validation``).
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train", "val": "val", "validation": "val", "validate": "val", "valid": "val", "test": "test",
+}  # fmt: skip
 
 #: Paraphrase families (answer-preserving), from the PSF-Med taxonomy.
 PARAPHRASE_FAMILIES: tuple[str, ...] = (
@@ -92,6 +96,36 @@ class QuestionRow:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """One record of a data file (or one question row) that was left out, and why. Nothing is dropped
+    silently: every loader returns these, the CLI prints their counts and the run folder keeps them
+    (``skipped.jsonl``)."""
+
+    qid: str
+    """The row's id (``row <index>`` / ``line <n>`` when there is no id)."""
+    reason: str
+    """Short reason shared by all rows skipped for it (e.g. ``missing image``; each loader lists its own)."""
+    detail: str = ""
+    """What exactly was wrong: the value, the path, the parser's message."""
+    index: int = -1
+    """0-based position of the record in the file (-1 if unknown)."""
+    line: int | None = None
+    """1-based line of the file the record starts on (``None`` where the format has no lines)."""
+
+    def __post_init__(self) -> None:
+        if not self.qid:
+            raise ValueError(
+                "SkippedRow.qid is empty: use 'row <index>' or 'line <n>' for rows without a qid"
+            )
+        if not self.reason or not self.reason.strip():
+            raise ValueError(f"SkippedRow {self.qid!r}: the reason is empty")
+
+    def record(self) -> dict[str, object]:
+        """The ``skipped.jsonl`` line of this row: ``row``, ``line``, ``reason``, ``detail``."""
+        return {"row": self.qid, "line": self.line, "reason": self.reason, "detail": self.detail}
 
 
 #: Where images come from: ``images(row)`` or ``images(image_id)`` returns the PIL image

@@ -1,6 +1,7 @@
 """Evaluation: run a model over question rows under image conditions, score it, report it.
 
 - :mod:`analyses.eval.predictions`: the predictions table (conditions, columns) and the run folder
+- :mod:`analyses.eval.fingerprint`: content hashes of a run's weights and images (a resume never mixes runs)
 - :mod:`analyses.eval.evaluate`: ``EvalConfig``, ``evaluate`` (plan, encode, score, write; resumable)
 - :mod:`analyses.eval.metrics`: flip rate, text-only agreement, swap sensitivity, quadrants, ``summarize``
 - :mod:`analyses.eval.report`: text summary and ``report.html`` (built from :mod:`~analyses.eval.page`,
@@ -8,5 +9,5 @@
 - :mod:`analyses.eval.compare`: ``compare_runs``: finished run folders side by side (``flipscope compare``)
 - :mod:`analyses.eval.browser`: the report in headless Chromium (probe, screenshot)
 
-Metric definitions: ``docs/metrics.md``.
+Metric definitions: ``docs/metrics.md``; the run folder: ``docs/data.md``.
 """

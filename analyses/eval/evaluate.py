@@ -12,7 +12,9 @@ Four steps: **plan** the (row, condition, image) work not yet in the run folder;
 once (vision tower + projector, :class:`hooks.features.ImageFeatureCache`) and reuse the features for
 all of its questions and conditions; **score** a batch with one forward pass; **write** the batch to
 ``<out>/predictions.jsonl`` (:class:`~analyses.eval.predictions.RunFolder`). A killed run resumes where
-it stopped: finished (qid, condition) pairs are neither recomputed nor duplicated.
+it stopped: finished (qid, condition) pairs are neither recomputed nor duplicated, and only if the weights,
+every image and every setting are the ones recorded (:mod:`analyses.eval.fingerprint`). Every row left
+out, while loading (passed in) or because an image cannot be read, is listed in ``skipped.jsonl``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from analyses.data.schema import ImageSource, QuestionRow
+from analyses.data.schema import ImageSource, QuestionRow, SkippedRow
+from analyses.eval.fingerprint import image_fingerprints, weights_fingerprint
 from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_hash, prediction_record
 from hooks.adapter import VLMAdapter
 from hooks.features import ImageFeatureCache
@@ -125,8 +128,8 @@ def plan(rows: Sequence[QuestionRow], cfg: EvalConfig, finished: set[tuple[str, 
 class ImageInputs:
     """Images and their features for the evaluator: each image loaded and encoded once.
 
-    An image that cannot be loaded is recorded in :attr:`skipped` (id -> error) and its rows are
-    left out, never silently scored. The removal replacement depends only on the image size, so it is
+    An image that cannot be loaded is recorded in :attr:`skipped` (id -> error) and the work items that
+    needed it in :attr:`dropped`; they are left out, never silently scored. The removal replacement depends only on the image size, so it is
     built and encoded once per size.
     """
 
@@ -134,6 +137,7 @@ class ImageInputs:
         self.source, self.removal = source, removal
         self.features = ImageFeatureCache(adapter)
         self.skipped: dict[str, str] = {}
+        self.dropped: list[dict[str, object]] = []
         self._pil: dict[str, Image.Image] = {}
         self._removed: dict[tuple[int, int], Image.Image | None] = {}
 
@@ -162,6 +166,20 @@ class ImageInputs:
         im = self.pil(item.image_id)
         return None if im is None else (im, self.features.get(item.image_id, im))
 
+    def drop(self, item: WorkItem) -> None:
+        """Record a work item left out because an image it needs could not be read."""
+        own = item.row.image_id in self.skipped
+        bad = item.row.image_id if own else str(item.image_id)
+        self.dropped.append(
+            {
+                "row": item.row.qid,
+                "line": None,
+                "reason": "unreadable image" if own else "unreadable swap image",
+                "detail": f"{bad}: {self.skipped.get(bad, '')}",
+                "condition": item.condition,
+            }
+        )
+
 
 def score(adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs) -> list[str]:
     """Margins of a batch of work items in one forward pass, as predictions.jsonl lines."""
@@ -171,6 +189,7 @@ def score(adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs) -
     for item in items:
         got = images.inputs(item)
         if got is None:
+            images.drop(item)
             continue
         kept.append(item)
         shown.append(got[0])
@@ -193,25 +212,34 @@ def evaluate(
     config: EvalConfig | None = None,
     progress: bool = True,
     max_batches: int | None = None,
+    *,
+    skipped: Sequence[SkippedRow] = (),
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Run (or resume) an evaluation; returns the predictions table (one row per qid x condition).
 
-    ``images(row_or_image_id)`` returns the PIL image; rows whose image cannot be loaded are
-    reported in ``skipped.json`` and left out (never silently scored). ``max_batches`` stops early
-    (used to test resuming).
+    ``images(row_or_image_id)`` returns the PIL image; rows whose image cannot be loaded are left out
+    (never silently scored) and listed in ``skipped.jsonl`` after ``skipped``, the rows the loader left
+    out. A folder holding another run (other settings, weights or images) is refused unless
+    ``overwrite``, which starts it afresh. ``max_batches`` stops early (used to test resuming).
     """
+    if not rows:
+        raise ValueError("no question rows to evaluate: the data source gave none for this split")
     cfg = config or EvalConfig()
     run = RunFolder(out_dir)
     removal = Removal(cfg.removal, seed=cfg.seed)
-    run.start(
-        {
-            **adapter.describe(),
-            "dataset_hash": dataset_hash(rows),
-            "n_rows": len(rows),
-            "removal": removal.label,
-            "eval_config": asdict(cfg),
-        }
-    )
+    meta = {
+        **adapter.describe(),
+        "dataset_hash": dataset_hash(rows),
+        "n_rows": len(rows),
+        "removal": removal.label,
+        "eval_config": asdict(cfg),
+        "weights": weights_fingerprint(adapter),
+        "images": image_fingerprints(rows, images, progress),
+    }
+    run.start(meta, overwrite=overwrite)
+    loaded = [p.record() for p in skipped]
+    run.write_skipped(loaded)
     work = plan(rows, cfg, run.finished())
     inputs = ImageInputs(adapter, images, removal)
     bar = tqdm(total=len(work), desc="eval", disable=not progress, unit="q")
@@ -223,5 +251,5 @@ def evaluate(
             if max_batches is not None and n >= max_batches:
                 break
     bar.close()
-    run.write_skipped(inputs.skipped)
+    run.write_skipped(loaded + inputs.dropped)
     return run.predictions()

@@ -5,9 +5,13 @@ A *predictions table* has one row per (question row, condition): the
 ``margin`` (logit(yes) - logit(no)), ``pred`` (``margin > 0``) and ``swap_image_id`` on swap rows.
 
 A *run folder* holds ``meta.json`` (what produced the run: model, answer ids, prompt, dataset hash,
-removal, evaluator config), ``predictions.jsonl`` (appended and fsynced as batches finish, so a killed
-run loses at most one batch and resumes where it stopped) and ``skipped.json`` (images that could not
-be read). A folder is only ever resumed with the same settings.
+removal, evaluator config, and content fingerprints of the weights and of every image:
+:mod:`analyses.eval.fingerprint`), ``predictions.jsonl`` (appended and fsynced as batches finish, so a
+killed run loses at most one batch and resumes where it stopped) and ``skipped.jsonl`` (one line per row
+left out, while loading or scoring: ``row``, ``line``, ``reason``, ``detail``). A folder is only ever
+resumed with the same settings, weights and images: any difference is refused with the differing items
+named, and ``overwrite=True`` starts it afresh. ``meta.json`` is written (atomically) only when the first
+predictions are, so a run that fails before predicting anything leaves nothing that blocks the next one.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +28,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from analyses.data.schema import QuestionRow
+from analyses.eval.fingerprint import compare_meta
 
 Condition = Literal["image", "removed", "swap_random", "swap_label"]
 #: Conditions a prediction can be made under: the row's own image, the image removed (how is recorded
@@ -36,7 +41,16 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "qid", "image_id", "question", "family", "paraphrase_of", "polarity", "ground_truth", "finding",
     "split", "condition", "margin", "pred",
 )  # fmt: skip
-META_FILE, PREDICTIONS_FILE, SKIPPED_FILE = "meta.json", "predictions.jsonl", "skipped.json"
+META_FILE, PREDICTIONS_FILE, SKIPPED_FILE = "meta.json", "predictions.jsonl", "skipped.jsonl"
+#: Files a run writes into its folder (``overwrite`` deletes exactly these; ``skipped.json`` is the old name).
+RUN_FILES: tuple[str, ...] = (
+    META_FILE,
+    PREDICTIONS_FILE,
+    SKIPPED_FILE,
+    "skipped.json",
+    "summary.json",
+    "report.html",
+)
 
 
 def dataset_hash(rows: Sequence[QuestionRow]) -> str:
@@ -78,25 +92,47 @@ class RunFolder:
         self.path = Path(out_dir)
         self.meta_path = self.path / META_FILE
         self.predictions_path = self.path / PREDICTIONS_FILE
+        self._pending: dict[str, Any] | None = None
 
-    def start(self, meta: dict[str, Any]) -> None:
-        """Write ``meta.json``, or check that the one there describes the same run (``started`` aside)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+    def start(self, meta: dict[str, Any], overwrite: bool = False) -> None:
+        """Check that the folder holds this run (or nothing), or clear it first with ``overwrite``.
+
+        A recorded ``meta.json`` that differs in anything but ``started`` is refused with every differing
+        item named; predictions without a ``meta.json`` are refused too. A new ``meta.json`` is written
+        by :meth:`commit`, when the first predictions are.
+        """
+        if overwrite:
+            self.clear()
         if self.meta_path.exists():
-            old = json.loads(self.meta_path.read_text())
-            diff = {
-                k
-                for k in meta
-                if k != "started" and old.get(k) != json.loads(json.dumps(meta[k], default=str))
-            }
+            diff = compare_meta(json.loads(self.meta_path.read_text()), meta)
             if diff:
                 raise ValueError(
-                    f"{self.path} holds a run with different {sorted(diff)}; resume with the same settings "
-                    "or pass a new out_dir"
+                    f"{self.path} holds a different run ({'; '.join(diff)}): resume only with the same model, "
+                    "weights, images and settings; pass --overwrite (overwrite=True) to start it afresh, "
+                    "deleting its predictions, or use another --out folder"
                 )
+            self._pending = None
+        elif self.predictions_path.exists() and self.predictions_path.stat().st_size:
+            raise ValueError(
+                f"{self.path} holds predictions.jsonl without meta.json, so it cannot be checked: pass "
+                "--overwrite (overwrite=True) to start afresh, or use another --out folder"
+            )
         else:
-            meta = {**meta, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            self.meta_path.write_text(json.dumps(meta, indent=1, default=str))
+            self._pending = {**meta, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def commit(self) -> None:
+        """Write the pending ``meta.json`` (atomically), if this run has not written it yet."""
+        if self._pending is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.meta_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self._pending, indent=1, default=str))
+            tmp.replace(self.meta_path)
+            self._pending = None
+
+    def clear(self) -> None:
+        """Delete this folder's run files (:data:`RUN_FILES`); anything else in it is left alone."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
 
     def finished(self) -> set[tuple[str, str]]:
         """(qid, condition) pairs already in ``predictions.jsonl`` (a torn last line is cut first)."""
@@ -109,19 +145,36 @@ class RunFolder:
 
     @contextmanager
     def appender(self, flush_every: int = 1) -> Iterator[_Appender]:
-        """Append lines to ``predictions.jsonl``; written and fsynced every ``flush_every`` batches."""
+        """Append lines to ``predictions.jsonl``; written and fsynced every ``flush_every`` batches.
+
+        ``meta.json`` is committed just before the first lines are written.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
         with self.predictions_path.open("a") as fh:
-            app = _Appender(fh, flush_every)
+            app = _Appender(fh, flush_every, self.commit)
             try:
                 yield app
             finally:
                 app.flush(sync=False)
 
-    def write_skipped(self, skipped: dict[str, str]) -> None:
-        """Record the images that could not be read (image id -> error), if any."""
-        if skipped:
-            payload = {"count": len(skipped), "images": skipped}
-            (self.path / SKIPPED_FILE).write_text(json.dumps(payload, indent=1))
+    def write_skipped(self, records: Sequence[dict[str, Any]]) -> None:
+        """Write ``skipped.jsonl`` (one line per row left out: ``row``, ``line``, ``reason``, ``detail``, ...).
+
+        Rewritten whole (atomically) each time; no file when nothing was skipped.
+        """
+        path = self.path / SKIPPED_FILE
+        if not records:
+            path.unlink(missing_ok=True)
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+        tmp.replace(path)
+
+    def skipped(self) -> list[dict[str, Any]]:
+        """The records of ``skipped.jsonl`` (empty if there is none)."""
+        path = self.path / SKIPPED_FILE
+        return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
 
     def _drop_torn_tail(self) -> None:
         """Cut a last line that a kill left without its newline, so appends start on a fresh line."""
@@ -135,8 +188,8 @@ class RunFolder:
 
 
 class _Appender:
-    def __init__(self, fh: Any, flush_every: int) -> None:
-        self.fh, self.flush_every = fh, flush_every
+    def __init__(self, fh: Any, flush_every: int, before_first_write: Callable[[], None]) -> None:
+        self.fh, self.flush_every, self.before_first_write = fh, flush_every, before_first_write
         self.buffer: list[str] = []
         self.n_batches = 0
 
@@ -148,6 +201,7 @@ class _Appender:
 
     def flush(self, sync: bool) -> None:
         if self.buffer:
+            self.before_first_write()
             self.fh.write("\n".join(self.buffer) + "\n")
             self.fh.flush()
             if sync:

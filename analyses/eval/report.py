@@ -87,6 +87,19 @@ def _fmt(row: pd.Series) -> str:
     return f"{row['value']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
+def _num(v: float) -> str:
+    """``0.123``, or ``n/a`` for a missing (NaN) value."""
+    return f"{v:.3f}" if np.isfinite(v) else "n/a"
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Table rows for ``summary.json``, a missing (NaN) value as ``null``."""
+    return [
+        {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+        for r in df.reset_index().to_dict(orient="records")
+    ]
+
+
 def summary_table(
     df: pd.DataFrame,
     n_boot: int = 1000,
@@ -99,11 +112,16 @@ def summary_table(
     lines = ["metric                      value [95% CI]                n"]
     for name, row in s["metrics"].iterrows():
         lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
-    fam = s["by_family"].xs("flip_rate", level="metric")
+    by_family = s["by_family"]
     lines += ["", "flip rate by family         value [95% CI]                n"]
-    for name, row in fam.iterrows():
-        lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
-    if s["quadrant_summary"] is not None:
+    if "flip_rate" in by_family.index.get_level_values("metric"):
+        for name, row in by_family.xs("flip_rate", level="metric").iterrows():
+            lines.append(f"{name:<27} {_fmt(row):<29} {int(row['n'])}")
+    else:
+        lines.append(f"{'(no paraphrases)':<27} {'n/a':<29} 0")
+    if s["quadrant_summary"] is None:
+        lines += ["", "quadrants: n/a (no 'removed' condition in this run)"]
+    else:
         lines += [
             "",
             f"quadrants ({s['choices']['rule']})",
@@ -111,9 +129,8 @@ def summary_table(
         ]
         for name, row in s["quadrant_summary"].iterrows():
             share = _fmt(s["quadrant_shares"].loc[name])
-            lines.append(
-                f"{name:<11} {int(row['count']):>5}  {share:<22} {row['accuracy']:.3f}     {row['mean_entropy']:.3f}"
-            )
+            cells = [_num(row[c]) for c in ("accuracy", "mean_entropy")]
+            lines.append(f"{name:<11} {int(row['count']):>5}  {share:<22} {cells[0]:>8}  {cells[1]:>7}")
         counts = {k: v["count"].to_dict() for k, v in s["quadrant_summary_by_scope"].items()}
         lines.append(
             "counts with reliance read over " + "; ".join(f"the {k}: {v}" for k, v in counts.items())
@@ -308,7 +325,7 @@ def _definitions(s: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def _payload(s: dict[str, Any], meta: dict[str, Any], data: str | None) -> dict[str, Any]:
     def records(t: pd.DataFrame | None) -> Any:
-        return None if t is None else t.reset_index().to_dict(orient="records")
+        return None if t is None else _records(t)
 
     return {
         "metrics": records(s["metrics"]),
