@@ -48,6 +48,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
     adapter, model_dir = resolve_model(args.model)
+    adapter.set_prompt(args.prompt, args.image_position)
     data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root)
     if data.report:
         print(data.report)
@@ -76,6 +77,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_boot=200,
         reliance="margin_shift",  # the organism's image-removed margins sit near 0: signs are coin flips
         min_margin_shift=1.0,
+        prompt="auto",
+        image_position=None,
     )
     return _cmd_eval(ns)
 
@@ -149,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
     demo.set_defaults(func=_cmd_demo)
 
-    from lora_targeted.cli import add_lora_parser
+    from lora_targeted.cli import add_lora_parser, add_prompt_options
 
+    add_prompt_options(ev)
     add_lora_parser(sub)
 
     info = sub.add_parser("info", help="versions and where the organism is")
