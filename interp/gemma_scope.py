@@ -72,19 +72,20 @@ class FolderName:
     width: int
     l0: str
     """L0 variant: ``small``, ``medium``, ``big``."""
-    seed: int | None
-    """Training seed of a ``_seed_N`` variant; ``None`` for the default (seed 0) folder."""
+    seed: int
+    """Training seed of a ``_seed_N`` variant; 0 for the default folder."""
     affine: bool
     """An ``_affine`` (skip-connection) transcoder."""
 
 
 def parse_folder(name: str) -> FolderName | None:
-    """``layer_17_width_16k_l0_medium_seed_1`` -> FolderName(17, 16384, "medium", 1, False); else None."""
+    """``layer_17_width_16k_l0_medium_seed_1`` -> FolderName(17, 16384, "medium", 1, False); else None
+    (a folder without ``_seed_N`` is seed 0)."""
     hit = _FOLDER.search(name)
     if not hit:
         return None
     mult = {"k": 1024, "m": 1024**2}.get(hit.group(3) or "", 1)
-    seed = int(hit.group(5)) if hit.group(5) is not None else None
+    seed = int(hit.group(5)) if hit.group(5) is not None else 0
     return FolderName(int(hit.group(1)), int(hit.group(2)) * mult, hit.group(4), seed, bool(hit.group(6)))
 
 

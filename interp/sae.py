@@ -110,8 +110,8 @@ class FeatureRef:
     """L0 variant of the release (``"small"``, ``"medium"``, ``"big"``, ``"k32"`` for a trained TopK)."""
     index: int
     """Feature index in ``[0, width)``."""
-    seed: int | None = None
-    """Training seed of a seed variant (Gemma Scope ``..._l0_medium_seed_1`` -> 1); ``None``: the default."""
+    seed: int = 0
+    """Training seed of the SAE's variant (Gemma Scope ``..._l0_medium_seed_1`` -> 1; 0 for the default)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.width:
@@ -120,7 +120,7 @@ class FeatureRef:
             )
 
     def __str__(self) -> str:
-        seed = "" if self.seed is None else f"/seed={self.seed}"
+        seed = f"/seed={self.seed}" if self.seed else ""
         return f"{self.release}/L{self.layer}/w{self.width}/l0={self.l0}{seed}#{self.index}"
 
 
@@ -144,8 +144,8 @@ class LoadedSAE:
     """Hook name from the SAE's own metadata (``blocks.17.hook_resid_post``, ``model.layers.17.output``)."""
     path: str | None = None
     """Folder it was loaded from (``None`` for an in-memory or hub SAE)."""
-    seed: int | None = None
-    """Seed variant (Gemma Scope ``_seed_N`` folders); ``None`` for the default."""
+    seed: int = 0
+    """Seed variant (Gemma Scope ``_seed_N`` folders); 0 for the default."""
 
     def __post_init__(self) -> None:
         if self.width != self.sae.cfg.d_sae:
@@ -306,7 +306,7 @@ def _wrap(
         l0=l0 or meta.get("flipscope_l0") or (folder and folder.l0) or _l0_of(sae),
         hook_name=meta.get("hf_hook_name") or meta.get("hook_name"),
         path=str(path) if path is not None else None,
-        seed=seed if seed is not None else (folder.seed if folder is not None else None),
+        seed=int(seed) if seed is not None else (folder.seed if folder is not None else 0),
     )
 
 
