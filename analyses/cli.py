@@ -61,6 +61,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.data not in NAMED_DATA:  # a file or hub dataset: read it before the (slow) model load
         data = resolve_data(args.data, args.split, args.n_images, None, args.image_root, options)
     adapter, model_dir = resolve_model(args.model)
+    adapter.set_prompt(args.prompt, args.image_position)
     if data is None:
         data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
     if data.report:
@@ -106,6 +107,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         reliance="margin_shift",  # the organism's image-removed margins sit near 0: signs are coin flips
         min_margin_shift=1.0,
+        prompt="auto",
+        image_position=None,
     )
     return _cmd_eval(ns)
 
@@ -236,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"))
     cmp.set_defaults(func=_cmd_compare)
 
-    from lora_targeted.cli import add_lora_parser
+    from lora_targeted.cli import add_lora_parser, add_prompt_options
 
+    add_prompt_options(ev)
     add_lora_parser(sub)
 
     info = sub.add_parser("info", help="versions and where the organism is")

@@ -4,6 +4,7 @@ yes/no decision margin, and exposes every site by its typed name (plain hooks or
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,12 +17,17 @@ from PIL import Image
 from torch import Tensor, nn
 
 from hooks.answer import AnswerIds, AnswerReduce, find_answer_ids
-from hooks.batch import Batch, build_batch
+from hooks.batch import Batch, build_batch, render_prompts
+from hooks.checkpoints import check_hf_format
 from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, load_image
+from hooks.prompt import IMAGE_POSITIONS, PROMPT_MODES, ImagePosition, PromptMode, resolve_mode
 from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec
 from hooks.trace import SiteTrace
 
 HookFn = Callable[[Tensor], Tensor | None]
+#: Image features of the rows that have an image, in row order: one ``(tokens, d_model)`` block each
+#: (a list, since rows may differ in token count), or a stacked ``(n, tokens, d_model)`` tensor.
+ImageFeatures = Sequence[Tensor] | Tensor
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,13 @@ class AdapterConfig:
 
     prompt_template: str = DEFAULT_TEMPLATE
     """Prompt with ``{q}`` where the question goes."""
-    use_chat_template: bool = False
-    """Wrap the prompt in the processor's chat template (MedGemma-it); needs a processor that has one."""
+    prompt: PromptMode = "auto"
+    """``chat``: the prompt goes into a user turn of the processor's chat template (instruction-tuned
+    models such as MedGemma-it); ``plain``: image placeholder and prompt only; ``auto``: ``chat`` if the
+    processor has a chat template, else ``plain`` (see :mod:`hooks.prompt`)."""
+    image_position: ImagePosition = "before"
+    """Where the image goes relative to the question text: ``before`` or ``after`` (MedGemma
+    interpretability work puts the text first)."""
     yes_words: tuple[str, ...] = ("yes", "Yes", "YES", " yes", " Yes")
     """Surface forms of "yes"; those that are single tokens of the tokenizer are used."""
     no_words: tuple[str, ...] = ("no", "No", "NO", " no", " No")
@@ -52,6 +63,10 @@ class AdapterConfig:
             raise ValueError("yes_words and no_words must be non-empty")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.prompt not in PROMPT_MODES:
+            raise ValueError(f"prompt must be one of {PROMPT_MODES}, got {self.prompt!r}")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {self.image_position!r}")
 
 
 def _hub_snapshot(name: str | Path, revision: str | None) -> Path | None:
@@ -79,20 +94,34 @@ class VLMAdapter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
-        self.config = config or AdapterConfig()
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        if self.config.use_chat_template and not getattr(processor, "chat_template", None):
-            raise ValueError("use_chat_template=True but this processor has no chat template")
-        yes_ids, yes_tok = find_answer_ids(self.tokenizer, self.config.yes_words)
-        no_ids, no_tok = find_answer_ids(self.tokenizer, self.config.no_words)
-        if set(yes_ids) & set(no_ids):
-            raise ValueError(f"yes and no share token ids {set(yes_ids) & set(no_ids)}")
-        self.answer_ids = AnswerIds(yes_ids, no_ids, yes_tok, no_tok, self.config.answer_reduce)
+        self.configure(config or AdapterConfig())
         self.n_layers: int = len(self.get_module(self.spec.text_layers))  # type: ignore[arg-type]
         self.n_vision_layers: int = len(self.get_module(self.spec.vision_layers))  # type: ignore[arg-type]
         hf_cfg: Any = model.config
         self.d_model: int = hf_cfg.get_text_config().hidden_size
         self.image_token_id: int = hf_cfg.image_token_id
+
+    def configure(self, config: AdapterConfig) -> None:
+        """Use ``config`` from now on (prompt mode, answer words, ...), checked against this model."""
+        self.prompt_mode = resolve_mode(config.prompt, self.processor)
+        yes_ids, yes_tok = find_answer_ids(self.tokenizer, config.yes_words, "yes")
+        no_ids, no_tok = find_answer_ids(self.tokenizer, config.no_words, "no")
+        if set(yes_ids) & set(no_ids):
+            raise ValueError(f"yes and no share token ids {set(yes_ids) & set(no_ids)}")
+        self.answer_ids = AnswerIds(yes_ids, no_ids, yes_tok, no_tok, config.answer_reduce)
+        self.config = config
+
+    def set_prompt(
+        self, prompt: PromptMode | None = None, image_position: ImagePosition | None = None
+    ) -> None:
+        """Change the prompt mode and/or the image position (``None``: keep), e.g. from CLI options."""
+        changes: dict[str, Any] = {}
+        if prompt is not None:
+            changes["prompt"] = prompt
+        if image_position is not None:
+            changes["image_position"] = image_position
+        self.configure(dataclasses.replace(self.config, **changes))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -122,6 +151,7 @@ class VLMAdapter:
         if not is_local and str(name_or_path).startswith((".", "/")):
             raise FileNotFoundError(f"model folder not found: {path}")
         offline = local_files_only if local_files_only is not None else is_local
+        check_hf_format(name_or_path, revision=revision, local_files_only=offline)
         hf_config = AutoConfig.from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
         )
@@ -157,17 +187,42 @@ class VLMAdapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def describe(self) -> dict[str, Any]:
-        """What produced a result: recorded with every run."""
-        return {
+    def describe(self, example_question: str | None = None) -> dict[str, Any]:
+        """What produced a result: recorded with every run.
+
+        With ``example_question`` (e.g. the first row's), the prompt it renders to with an image is
+        recorded too: as given to the processor, and as token ids (runs of image tokens shortened).
+        """
+        out: dict[str, Any] = {
             "model": self.name,
             "revision": self.revision,
             "architecture": self.spec.name,
             "n_layers": self.n_layers,
             "prompt_template": self.config.prompt_template,
-            "use_chat_template": self.config.use_chat_template,
+            "prompt_mode": self.prompt_mode,
+            "image_position": self.config.image_position,
             "answer_ids": self.answer_ids.as_dict(),
         }
+        if example_question is not None:
+            out["prompt_example"] = self.render_prompt(example_question)
+        return out
+
+    def render_prompt(self, question: str, has_image: bool = True) -> dict[str, Any]:
+        """The prompt of ``question``: ``text`` as given to the processor, ``token_ids`` and ``tokens``
+        after tokenization (with a stand-in image; a run of image tokens is listed once with its count)."""
+        text = render_prompts(self, [question], [has_image])[0].text
+        image = Image.new("RGB", (self.config.expected_image_size or 64,) * 2, (128, 128, 128))
+        batch = self.prepare([image if has_image else None], [question])
+        ids = batch.input_ids[0][batch.attention_mask[0]].tolist()
+        image_tok = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        runs: list[list[Any]] = []
+        for tok in self.tokenizer.convert_ids_to_tokens(ids):
+            if tok == image_tok and runs and runs[-1][0] == image_tok:
+                runs[-1][1] += 1
+            else:
+                runs.append([tok, 1])
+        tokens = [tok if n == 1 else f"{tok} x{n}" for tok, n in runs]
+        return {"text": text, "token_ids": ids, "tokens": tokens}
 
     # ------------------------------------------------------------------ inputs
     def prepare(
@@ -201,22 +256,38 @@ class VLMAdapter:
     def forward_kwargs(self, batch: Batch) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in batch.inputs.items()}
 
-    def image_features(self, pixel_values: Float[Tensor, "n 3 h w"]) -> Float[Tensor, "n tokens d_model"]:
-        """Projector output for each image: what the model writes at the image-token positions."""
-        with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
-        feats = out.pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, list | tuple) else feats
-
-    def encode_images(self, images: Sequence[ImageLike]) -> Float[Tensor, "n tokens d_model"]:
-        """Projected features of each image: the processor's pixels through the vision tower and projector,
-        in eval mode and without gradients (what :class:`hooks.features.ImageFeatureCache` stores)."""
+    def image_inputs(self, images: Sequence[ImageLike]) -> dict[str, Tensor]:
+        """The image tensors the processor makes for ``images`` (the family's image keys, e.g.
+        ``pixel_values`` + ``image_grid_thw``), exactly as :meth:`prepare` puts them into a batch."""
+        family = self.spec.inputs
         pil = [load_image(im) for im in images]
-        pixel_values = self.processor.image_processor(images=pil, return_tensors="pt")["pixel_values"]
+        if not pil:
+            raise ValueError("no images to encode")
+        # through the full processor (its image kwargs included), with a bare placeholder as the text
+        text = [family.placeholder_text(self.processor)] * len(pil)
+        out = self.processor(
+            text=text, images=family.processor_images(pil), padding=True, return_tensors="pt"
+        )
+        return {k: out[k] for k in family.image_keys}
+
+    def image_features(self, image_inputs: dict[str, Tensor]) -> list[Float[Tensor, "tokens d_model"]]:
+        """Features of each image as the model writes them into its image tokens (vision tower,
+        projector and any family-specific packing), one ``(tokens, d_model)`` block per image.
+
+        ``image_inputs``: a batch's :attr:`~hooks.batch.Batch.image_inputs` or :meth:`image_inputs`.
+        """
+        dev, dtype = self.device, self.dtype
+        moved = {k: v.to(dev, dtype) if v.is_floating_point() else v.to(dev) for k, v in image_inputs.items()}
+        with torch.no_grad():
+            return self.spec.inputs.features(self.model, moved)
+
+    def encode_images(self, images: Sequence[ImageLike]) -> list[Float[Tensor, "tokens d_model"]]:
+        """Features of each image (:meth:`image_features` of :meth:`image_inputs`), in eval mode and
+        without gradients: what :class:`hooks.features.ImageFeatureCache` stores."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.image_features(pixel_values).detach()
+            return [f.detach() for f in self.image_features(self.image_inputs(images))]
         finally:
             self.model.train(was_training)
 
@@ -224,37 +295,57 @@ class VLMAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def embed(self, batch: Batch, image_features: Float[Tensor, "n_img tokens d_model"]) -> Tensor:
+    def embed(self, batch: Batch, image_features: ImageFeatures) -> Tensor:
         """Input embeddings with precomputed image features scattered into the image tokens.
 
-        ``image_features[k]`` belongs to the k-th row of the batch that has an image. Lets an
-        evaluator encode each image once and reuse it for every question and condition.
+        ``image_features[k]`` (a ``(tokens, d_model)`` block, or a row of a stacked tensor) belongs to the
+        k-th row of the batch that has an image. Lets an evaluator encode each image once and reuse it
+        for every question and condition.
         """
         ids = batch.input_ids.to(self.device)
         emb = self.model.get_input_embeddings()(
             ids.clamp(max=self.model.get_input_embeddings().num_embeddings - 1)
         )
         mask = batch.image_mask.to(self.device)
-        n_rows = int(mask.any(-1).sum())
-        if image_features.shape[0] != n_rows:
-            raise ValueError(f"{image_features.shape[0]} image feature sets for {n_rows} rows with an image")
-        return emb.masked_scatter(mask.unsqueeze(-1), image_features.to(emb.dtype))
+        counts = mask.sum(-1)[mask.any(-1)].tolist()
+        feats = list(image_features)
+        if len(feats) != len(counts):
+            raise ValueError(f"{len(feats)} image feature sets for {len(counts)} rows with an image")
+        bad = [
+            (k, f.shape[0], c) for k, (f, c) in enumerate(zip(feats, counts, strict=True)) if f.shape[0] != c
+        ]
+        if bad:
+            k, got, want = bad[0]
+            raise ValueError(
+                f"image feature set {k} has {got} tokens but its row has {want} image tokens; encode the "
+                "image the row shows (same size: dynamic-resolution models give each size its own count)"
+            )
+        flat = (
+            torch.cat([f.to(emb.device, emb.dtype) for f in feats])
+            if feats
+            else emb.new_zeros(0, emb.shape[-1])
+        )
+        return emb.masked_scatter(mask.unsqueeze(-1), flat)
 
-    def logits(self, batch: Batch, last_only: bool = True, image_features: Tensor | None = None) -> Tensor:
+    def logits(
+        self, batch: Batch, last_only: bool = True, image_features: ImageFeatures | None = None
+    ) -> Tensor:
         """Plain HF forward; logits at the last position only by default.
 
-        With ``image_features`` (from :meth:`image_features`) the vision tower is skipped.
+        With ``image_features`` (from :meth:`image_features` / :meth:`encode_images`) the vision tower is
+        skipped.
         """
         kwargs = self.forward_kwargs(batch)
         if image_features is not None:
-            kwargs.pop("pixel_values", None)
+            for key in self.spec.inputs.image_keys:
+                kwargs.pop(key, None)
             kwargs["inputs_embeds"] = self.embed(batch, image_features)
             kwargs.pop("input_ids")
         out = self.model(**kwargs, logits_to_keep=1 if last_only else 0, use_cache=False)
         return out.logits
 
     def margins(
-        self, batch: Batch, grad: bool = False, image_features: Tensor | None = None
+        self, batch: Batch, grad: bool = False, image_features: ImageFeatures | None = None
     ) -> Float[Tensor, " batch"]:
         """Decision margin logit(yes) - logit(no) at the first answer token, one forward pass."""
         with torch.set_grad_enabled(grad):

@@ -46,17 +46,27 @@ class AnswerIds:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
-def find_answer_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Ids of the words in ``words`` that the tokenizer encodes as exactly one (non-unknown) token."""
+def find_answer_ids(
+    tokenizer: Any, words: Sequence[str], what: str = "answer"
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Ids of the words in ``words`` that the tokenizer encodes as exactly one (non-unknown) token.
+
+    Refuses a tokenizer where none is, naming how each variant tokenizes (``what``: ``"yes"`` or ``"no"``).
+    """
     ids: dict[int, str] = {}
     unk = getattr(tokenizer, "unk_token_id", None)
+    seen: dict[str, list[str]] = {}
     for w in words:
         enc = tokenizer.encode(w, add_special_tokens=False)
+        seen[w] = tokenizer.convert_ids_to_tokens(enc)
         if len(enc) == 1 and enc[0] != unk:
             ids.setdefault(enc[0], tokenizer.convert_ids_to_tokens(enc[0]))
     if not ids:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(
-            f"none of {list(words)} is a single token of this tokenizer; set AdapterConfig words"
+            f"no {what!r} variant is a single token of the tokenizer {name!r}: "
+            + ", ".join(f"{w!r} -> {toks}" for w, toks in seen.items())
+            + f"; pass AdapterConfig({what}_words=(...)) with surface forms this tokenizer has as one token"
         )
     return tuple(ids), tuple(ids.values())
 

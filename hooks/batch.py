@@ -1,4 +1,9 @@
-"""Tokenized, left-padded batches with position classes (image / question / final tokens)."""
+"""Tokenized, left-padded batches with position classes (image / question / final tokens).
+
+Every family-specific step (which processor outputs to keep, how images nest, how position ids are
+made, how image tensors split per image) comes from the family's :class:`hooks.families.FamilyInputs`
+(a row of :data:`hooks.sites.ARCHITECTURES`); nothing here names an architecture.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ from jaxtyping import Bool, Int
 from PIL import Image
 from torch import Tensor
 
-from hooks.inputs import check_images, format_prompt
+from hooks.families import FamilyInputs
+from hooks.inputs import check_images
+from hooks.prompt import Rendered, check_bos, render
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -24,8 +31,9 @@ class Batch:
     """Model inputs for a batch of (image, question) pairs, all ending at the last position."""
 
     inputs: dict[str, Tensor]
-    """Keyword arguments of the HF forward: input_ids, attention_mask, position_ids, pixel_values
-    (absent when no row has an image), token_type_ids (Gemma3)."""
+    """Keyword arguments of the HF forward: input_ids, attention_mask, position_ids (``(3, batch, pos)``
+    for Qwen's 3-D rotary positions), the family's image keys (absent when no row has an image; one
+    image per row that has one, in row order) and per-token keys (Gemma3's token_type_ids)."""
     image_mask: Bool[Tensor, "batch pos"]
     """Image (soft) token positions."""
     question_mask: Bool[Tensor, "batch pos"]
@@ -35,6 +43,8 @@ class Batch:
     """Image condition of each row: ``image``, ``removed:<kind>``, ``swap``, ... (caller's label)."""
     texts: list[str] = field(default_factory=list)
     """The full prompt strings given to the processor."""
+    family: FamilyInputs = field(default_factory=FamilyInputs)
+    """Input handling of the model's family (how the image tensors split per image)."""
 
     def __len__(self) -> int:
         return int(self.inputs["input_ids"].shape[0])
@@ -67,16 +77,29 @@ class Batch:
             return self.attention_mask
         raise ValueError(f"unknown position class {cls!r}; choose one of {POSITION_CLASSES}")
 
+    @property
+    def image_inputs(self) -> dict[str, Tensor]:
+        """The image tensors (the family's image keys), one image per row that has one, in row order."""
+        return {k: self.inputs[k] for k in self.family.image_keys if k in self.inputs}
+
+    def image_parts(self) -> list[dict[str, Tensor]]:
+        """The image tensors split per image: entry k belongs to the k-th row that has an image."""
+        inputs = self.image_inputs
+        return self.family.split(inputs) if inputs else []
+
     def select(self, rows: list[int] | slice) -> Batch:
-        """A sub-batch (same padding length)."""
-        idx = list(range(len(self)))[rows] if isinstance(rows, slice) else rows
-        inputs = {k: v[idx] for k, v in self.inputs.items() if k != "pixel_values"}
-        if "pixel_values" in self.inputs:
-            has = self.image_mask.any(-1)
-            img_row = torch.cumsum(has.long(), 0) - 1  # row -> index into pixel_values
-            keep = [int(img_row[i]) for i in idx if has[i]]
-            if keep:
-                inputs["pixel_values"] = self.inputs["pixel_values"][keep]
+        """A sub-batch (same padding length); rows may repeat."""
+        idx = list(range(len(self)))[rows] if isinstance(rows, slice) else list(rows)
+        image_keys = set(self.family.image_keys)
+        inputs = {
+            k: (v[:, idx] if k == "position_ids" and v.dim() == 3 else v[idx])
+            for k, v in self.inputs.items()
+            if k not in image_keys
+        }
+        has = self.image_mask.any(-1)
+        img_row = torch.cumsum(has.long(), 0) - 1  # row -> index among the rows with an image
+        parts = self.image_parts()
+        inputs.update(self.family.join([parts[int(img_row[i])] for i in idx if has[i]]))
         return Batch(
             inputs,
             self.image_mask[idx],
@@ -84,48 +107,33 @@ class Batch:
             [self.questions[i] for i in idx],
             [self.conditions[i] for i in idx],
             [self.texts[i] for i in idx] if self.texts else [],
+            self.family,
         )
-
-
-def _placeholder(processor: Any) -> str:
-    return getattr(processor, "boi_token", None) or processor.image_token
-
-
-def _prompt_text(adapter: VLMAdapter, question: str, has_image: bool) -> str:
-    prompt = format_prompt(question, adapter.config.prompt_template)
-    if adapter.config.use_chat_template:
-        content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
-        content.append({"type": "text", "text": prompt})
-        return adapter.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-    return f"{_placeholder(adapter.processor)} {prompt}" if has_image else prompt
 
 
 def _left_pad_merge(
-    parts: list[tuple[list[int], dict[str, Tensor]]], pad_id: int, n: int
+    parts: list[tuple[list[int], dict[str, Tensor]]], pad_id: int, n: int, family: FamilyInputs
 ) -> dict[str, Tensor]:
-    """Merge processor outputs of row groups into one left-padded batch in the original row order."""
+    """Merge processor outputs of row groups into one left-padded batch in the original row order.
+
+    Token keys missing from a group (e.g. ``token_type_ids`` of rows without an image) are 0 there.
+    """
     length = max(enc["input_ids"].shape[1] for _, enc in parts)
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
-    out = {k: torch.full((n, length), fill[k], dtype=torch.long) for k in keys}
-    pixels = []
-    has_tt = False
+    keys = ("input_ids", "attention_mask", *family.token_keys)
+    out = {k: torch.full((n, length), pad_id if k == "input_ids" else 0, dtype=torch.long) for k in keys}
     for rows, enc in parts:
         width = enc["input_ids"].shape[1]
         for k in keys:
             if k in enc:
                 out[k][rows, length - width :] = enc[k].long()
-                has_tt |= k == "token_type_ids"
-        if "pixel_values" in enc:
-            pixels.append((rows, enc["pixel_values"]))
-    if not has_tt:
-        del out["token_type_ids"]
-    if pixels:
-        # pixel_values rows follow the order of rows that have an image
-        order = sorted((r, pv[i]) for rows, pv in pixels for i, r in enumerate(rows))
-        out["pixel_values"] = torch.stack([p for _, p in order])
+    image_parts = [
+        (r, piece)
+        for rows, enc in parts
+        if family.image_keys[0] in enc
+        for r, piece in zip(rows, family.split({k: enc[k] for k in family.image_keys}), strict=True)
+    ]
+    # image tensors follow the order of the rows that have an image
+    out.update(family.join([piece for _, piece in sorted(image_parts, key=lambda x: x[0])]))
     return out
 
 
@@ -150,39 +158,60 @@ def _question_mask(tokenizer: Any, input_ids: Tensor, questions: list[str]) -> T
     return mask
 
 
+def render_prompts(adapter: VLMAdapter, questions: list[str], has_image: list[bool]) -> list[Rendered]:
+    """Each row's prompt as the adapter's prompt settings render it (:mod:`hooks.prompt`)."""
+    cfg = adapter.config
+    placeholder = adapter.spec.inputs.placeholder_text(adapter.processor)
+    return [
+        render(
+            adapter.processor,
+            placeholder,
+            q,
+            template=cfg.prompt_template,
+            mode=adapter.prompt_mode,
+            image_position=cfg.image_position,
+            has_image=h,
+        )
+        for q, h in zip(questions, has_image, strict=True)
+    ]
+
+
+def _encode(proc: Any, rendered: list[Rendered], images: list[Any] | None) -> dict[str, Tensor]:
+    flags = {r.add_special_tokens for r in rendered}
+    if len(flags) > 1:
+        raise ValueError("prompts of one batch disagree on whether the tokenizer adds BOS; render them alike")
+    kwargs: dict[str, Any] = dict(padding=True, return_tensors="pt", add_special_tokens=flags.pop())
+    if images is not None:
+        kwargs["images"] = images
+    return dict(proc(text=[r.text for r in rendered], **kwargs))
+
+
 def build_batch(
     adapter: VLMAdapter, images: list[Image.Image | None], questions: list[str], conditions: list[str]
 ) -> Batch:
-    """Tokenize with the model's own processor; rows with and without images may be mixed."""
+    """Tokenize with the model's own processor; rows with and without images may be mixed, and images
+    may differ in size and mode (every processor resizes; ``expected_image_size`` is an opt-in guard)."""
     check_images(images, adapter.config.expected_image_size)
-    texts = [_prompt_text(adapter, q, im is not None) for q, im in zip(questions, images, strict=True)]
+    family = adapter.spec.inputs
+    rendered = render_prompts(adapter, questions, [im is not None for im in images])
     proc = adapter.processor
-    nested = adapter.spec.name == "Gemma3ForConditionalGeneration"
     with_img = [i for i, im in enumerate(images) if im is not None]
     without = [i for i, im in enumerate(images) if im is None]
     parts = []
     if with_img:
-        imgs = [[images[i]] if nested else images[i] for i in with_img]
-        enc = proc(text=[texts[i] for i in with_img], images=imgs, padding=True, return_tensors="pt")
-        parts.append((with_img, dict(enc)))
+        imgs = family.processor_images([images[i] for i in with_img])
+        parts.append((with_img, _encode(proc, [rendered[i] for i in with_img], imgs)))
     if without:
-        enc = proc(text=[texts[i] for i in without], padding=True, return_tensors="pt")
-        parts.append((without, dict(enc)))
-    inputs = _left_pad_merge(parts, adapter.tokenizer.pad_token_id, len(texts))
-    if nested and "token_type_ids" not in inputs:
-        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-    am = inputs["attention_mask"]
-    inputs["position_ids"] = (am.cumsum(-1) - 1).clamp(min=0)
-    image_mask = inputs["input_ids"] == adapter.image_token_id
-    n_img_tokens = image_mask.sum(-1)
-    expected = n_img_tokens[with_img]
-    if len(with_img) and (expected != expected[0]).any():
-        raise ValueError(f"rows have different image-token counts {expected.tolist()}")
+        parts.append((without, _encode(proc, [rendered[i] for i in without], None)))
+    inputs = _left_pad_merge(parts, adapter.tokenizer.pad_token_id, len(questions), family)
+    check_bos(inputs["input_ids"], inputs["attention_mask"], adapter.tokenizer.bos_token_id)
+    inputs["position_ids"] = family.positions(adapter.model, inputs)
     return Batch(
         inputs=inputs,
-        image_mask=image_mask,
+        image_mask=inputs["input_ids"] == adapter.image_token_id,
         question_mask=_question_mask(adapter.tokenizer, inputs["input_ids"], questions),
         questions=questions,
         conditions=conditions,
-        texts=texts,
+        texts=[r.text for r in rendered],
+        family=family,
     )

@@ -117,18 +117,21 @@ def load_image(image: ImageLike) -> Image.Image:
 
 
 def check_images(images: list[Image.Image | None], expected_size: int | None) -> None:
-    """Refuse a batch whose images differ in size, or differ from the size the model expects."""
-    sizes = sorted({im.size for im in images if im is not None})
-    if len(sizes) > 1:
+    """With ``expected_size`` set (an opt-in guard), refuse images of another size.
+
+    Images of different sizes and modes may share a batch: every supported processor converts to RGB
+    and resizes (Qwen2.5-VL and LLaVA-NeXT keep the aspect ratio, so their rows get different numbers
+    of image tokens). The guard is for models trained at one size (the SynthCXR organism), where a
+    silent resize would change what the model sees.
+    """
+    if expected_size is None:
+        return
+    bad = sorted({im.size for im in images if im is not None and im.size != (expected_size, expected_size)})
+    if bad:
         raise ValueError(
-            f"a batch with mixed image sizes {sizes}: resize the images to one size first "
-            "(e.g. the model's input size) so every row is preprocessed the same way"
-        )
-    if expected_size is not None and sizes and sizes[0] != (expected_size, expected_size):
-        raise ValueError(
-            f"image size {sizes[0]} does not match the model's input size {expected_size}x{expected_size}; "
-            "resize it, or build the adapter with AdapterConfig(expected_image_size=None) to let the "
-            "processor resize"
+            f"image size {bad[0]} does not match the model's input size {expected_size}x{expected_size}"
+            f"{f' (and {len(bad) - 1} other sizes)' if len(bad) > 1 else ''}; resize it, or build the "
+            "adapter with AdapterConfig(expected_image_size=None) to let the processor resize"
         )
 
 

@@ -13,15 +13,24 @@ Conventions (all architectures):
   ``resid_post(L) == resid_pre(L) + attn_out(L) + mlp_out(L)`` holds exactly. In Gemma3 these are the
   outputs of the post-attention / post-feedforward norms (Gemma3 normalises each block's output
   before the residual add); in Llama-family decoders they are ``self_attn`` / ``mlp`` outputs.
-- ``vision_resid(i)``: the output of vision-encoder layer i (one row per image patch).
-- ``image_embeds()``: the projector's output, the image features written into the text sequence.
+- ``vision_resid(i)``: the output of vision-encoder layer i (one row per image patch; Qwen2.5-VL's
+  vision blocks run on the patches of all images of a batch as one sequence, in window order).
+- ``image_embeds()``: the projector's output. For Gemma3 and LLaVA these are exactly the features
+  written into the image tokens; LLaVA-NeXT then unpads its tiles and adds a newline feature per row,
+  and Qwen2.5-VL's merger output is in window order (the model un-permutes it afterwards). The
+  features as placed in the sequence: :meth:`hooks.adapter.VLMAdapter.image_features`.
 - ``final_norm()``: the final norm's output, the input to the unembedding.
+
+A row of :data:`ARCHITECTURES` is the whole family: its module paths here, and its input handling
+(processor keys, image nesting, position ids, image placeholder) in :class:`hooks.families.FamilyInputs`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from hooks.families import FamilyInputs
 
 SiteKind = Literal[
     "resid_pre", "resid_post", "attn_out", "mlp_out", "vision_resid", "image_embeds", "final_norm"
@@ -142,6 +151,8 @@ class ArchSpec:
     """Name of the attention submodule inside a text layer."""
     logit_softcap_attr: str | None = None
     """Text-config attribute holding the final logit soft-cap, if the architecture has one."""
+    inputs: FamilyInputs = field(default_factory=FamilyInputs)
+    """How images and prompts become this family's model inputs (:class:`hooks.families.FamilyInputs`)."""
 
     def resolve(self, site: Site, n_text_layers: int, n_vision_layers: int) -> ModuleRef:
         """Map ``site`` to a :class:`ModuleRef`, resolving negative layers and checking ranges."""
@@ -166,9 +177,10 @@ class ArchSpec:
         return ModuleRef(f"{base}.{sub}", "output", idx)
 
 
-#: The declarative table. Adding an architecture = adding a row (and a tiny-model test).
+#: The declarative table. Adding an architecture = adding a row (and a tiny model built from config
+#: in ``hooks.tiny`` + the family in the tests' adapter fixture).
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "Gemma3ForConditionalGeneration": ArchSpec(
+    "Gemma3ForConditionalGeneration": ArchSpec(  # MedGemma
         name="Gemma3ForConditionalGeneration",
         text_layers="model.language_model.layers",
         vision_layers="model.vision_tower.encoder.layers",
@@ -179,8 +191,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp_out=("post_feedforward_layernorm", None),
         vision_layer_index=None,
         logit_softcap_attr="final_logit_softcapping",
+        # token_type_ids mark the image block, which attends bidirectionally
+        inputs=FamilyInputs(token_keys=("token_type_ids",), nest_images=True, placeholder="{boi_token}"),
     ),
-    "LlavaForConditionalGeneration": ArchSpec(
+    "LlavaForConditionalGeneration": ArchSpec(  # LLaVA 1.5, LLaVA-Med HF ports
         name="LlavaForConditionalGeneration",
         text_layers="model.language_model.layers",
         vision_layers="model.vision_tower.encoder.layers",
@@ -190,6 +204,37 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_out=("self_attn", 0),
         mlp_out=("mlp", None),
         vision_layer_index=None,
+    ),
+    "LlavaNextForConditionalGeneration": ArchSpec(  # LLaVA-NeXT (anyres tiles)
+        name="LlavaNextForConditionalGeneration",
+        text_layers="model.language_model.layers",
+        vision_layers="model.vision_tower.encoder.layers",
+        projector="model.multi_modal_projector",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        attn_out=("self_attn", 0),
+        mlp_out=("mlp", None),
+        vision_layer_index=None,
+        inputs=FamilyInputs(image_keys=("pixel_values", "image_sizes"), token_grid="base_tile"),
+    ),
+    "Qwen2_5_VLForConditionalGeneration": ArchSpec(  # Qwen2.5-VL (Lingshu, HuatuoGPT-Vision, ...)
+        name="Qwen2_5_VLForConditionalGeneration",
+        text_layers="model.language_model.layers",
+        vision_layers="model.visual.blocks",
+        projector="model.visual.merger",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        attn_out=("self_attn", 0),
+        mlp_out=("mlp", None),
+        vision_layer_index=None,
+        inputs=FamilyInputs(
+            image_keys=("pixel_values", "image_grid_thw"),
+            token_keys=("mm_token_type_ids",),
+            image_layout="grid_patches",
+            position_ids="mrope",
+            placeholder="<|vision_start|>{image_token}<|vision_end|>",  # as its chat template writes it
+            token_grid="merged_patches",
+        ),
     ),
 }
 

@@ -1,15 +1,18 @@
 """Tiny image-text-to-text models built from config, with their own word-level tokenizer.
 
-Used by the unit tests (both supported architectures, random weights) and as the skeleton of the
+Used by the unit tests (every supported architecture, random weights) and as the skeleton of the
 SynthCXR model organism (same code, larger dims, trained). Everything here is offline: the
 tokenizer is built from a word list, the processors use the PIL image backend (no torchvision).
+
+Where HF initialises a multimodal projector to zero (Gemma3) it is re-drawn here: a model that
+ignores its image proves nothing in an image test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -19,8 +22,14 @@ from transformers import (
     Gemma3Processor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
 )
 
 GEMMA3_SPECIALS = {
@@ -33,27 +42,47 @@ GEMMA3_SPECIALS = {
     "image": "<image_soft_token>",
 }
 LLAVA_IMAGE_TOKEN = "<image>"
+QWEN_SPECIALS = {
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+    "image": "<|image_pad|>",
+    "video": "<|video_pad|>",
+}
 #: Words every tiny vocabulary contains: the default prompt template and the answers.
 BASE_WORDS = ("question", "answer", "with", "only", "yes", "or", "no", "'", ".", ":", "?", ",")
+TinyArch = Literal["gemma3", "llava", "llava_next", "qwen2_5_vl"]
+TINY_ARCHS: tuple[str, ...] = ("gemma3", "llava", "llava_next", "qwen2_5_vl")
 
 
 def build_word_tokenizer(
-    words: Iterable[str], arch: Literal["gemma3", "llava"] = "gemma3"
+    words: Iterable[str], arch: TinyArch = "gemma3", extra_specials: Iterable[str] = ()
 ) -> PreTrainedTokenizerFast:
     """A lowercase word-level fast tokenizer over ``words`` (+ the special tokens of ``arch``).
 
-    Punctuation is split into its own tokens; unknown words map to ``<unk>``; a ``<bos>`` is
-    prepended to every sequence, as Gemma's tokenizer does.
+    Punctuation is split into its own tokens; unknown words map to ``<unk>``. Like the real
+    tokenizers: Gemma's and Llama's prepend a ``<bos>`` to every sequence; Qwen's has no BOS at all.
+    ``extra_specials`` (e.g. chat-turn markers such as ``<start_of_turn>``) are appended after every
+    other token, so the ids of a tokenizer built without them do not move.
     """
-    specials = list(GEMMA3_SPECIALS.values())
-    if arch == "llava":
-        specials = [
-            s for s in specials if s not in ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
-        ]
-        specials.append(LLAVA_IMAGE_TOKEN)
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+    base = [GEMMA3_SPECIALS[k] for k in ("pad", "eos", "bos", "unk")]
+    image_specials: dict[str, str]
+    if arch == "gemma3":
+        image_specials = {
+            "boi_token": GEMMA3_SPECIALS["boi"],
+            "eoi_token": GEMMA3_SPECIALS["eoi"],
+            "image_token": GEMMA3_SPECIALS["image"],
+        }
+    elif arch == "qwen2_5_vl":
+        image_specials = {f"{k}_token": v for k, v in QWEN_SPECIALS.items()}
+    else:
+        image_specials = {"image_token": LLAVA_IMAGE_TOKEN}
+    specials = [*base, *image_specials.values()]
+    extra_specials = [t for t in extra_specials if t not in specials]
     vocab: dict[str, int] = {}
-    for word in [*specials, *BASE_WORDS, *words]:
-        word = word if word in specials else word.lower()
+    for word in [*specials, *BASE_WORDS, *words, *extra_specials]:
+        word = word if word in specials or word in extra_specials else word.lower()
         if word and word not in vocab:
             vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -61,25 +90,22 @@ def build_word_tokenizer(
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
     )
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
+    if arch != "qwen2_5_vl":
+        core.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    extra = (
-        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-        if arch == "gemma3"
-        else {"image_token": LLAVA_IMAGE_TOKEN}
-    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        bos_token="<bos>",
+        bos_token=None if arch == "qwen2_5_vl" else "<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens=extra,
+        extra_special_tokens=image_specials,
         padding_side="left",
     )
-    # `add_special_tokens` would append new ids; the specials are already in the vocab.
+    if extra_specials:  # already in the vocab: registering them only makes the tokenizer match them whole
+        tok.add_special_tokens({"additional_special_tokens": list(extra_specials)})
     return tok
 
 
@@ -249,3 +275,164 @@ def tiny_llava(
         num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def tiny_llava_next(
+    tokenizer: PreTrainedTokenizerFast,
+    text_layers: int = 3,
+    d_model: int = 64,
+    tile_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A randomly initialised tiny LLaVA-NeXT (anyres tiles of a CLIP tower + Llama decoder) and its processor.
+
+    Each image becomes a base tile plus the tiles of the best grid among ``image_grid_pinpoints``
+    (1x2, 2x1 or 2x2 tiles of ``tile_size`` pixels); the number of image tokens depends on the image's
+    aspect ratio (unpadding + one newline per row), so rows of one batch may have different counts.
+    """
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    conv = tokenizer.convert_tokens_to_ids
+    pinpoints = [[tile_size, 2 * tile_size], [2 * tile_size, tile_size], [2 * tile_size, 2 * tile_size]]
+    config = LlavaNextConfig(  # type: ignore[call-arg]
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=conv("<pad>"),
+            bos_token_id=conv("<bos>"),
+            eos_token_id=conv("<eos>"),
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=tile_size,
+            patch_size=patch_size,
+            projection_dim=32,
+        ),
+        image_token_id=conv(LLAVA_IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=conv("<pad>"),
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"height": tile_size, "width": tile_size},
+        crop_size={"height": tile_size, "width": tile_size},
+        do_center_crop=False,
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        image_token=LLAVA_IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+class ImageTextQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor for images and text only.
+
+    transformers 5.23 requires a video processor in ``Qwen2_5_VLProcessor``, and every Qwen video
+    processor imports torchvision; images and text go through the same code either way.
+    """
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+    ):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def tiny_qwen2_5_vl(
+    tokenizer: PreTrainedTokenizerFast,
+    text_layers: int = 3,
+    d_model: int = 64,
+    patch_size: int = 8,
+    max_side: int = 96,
+    seed: int = 0,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextQwen2_5_VLProcessor]:
+    """A randomly initialised tiny Qwen2.5-VL (windowed ViT + patch merger + Qwen2 decoder) and its processor.
+
+    Dynamic resolution: an image is resized to multiples of ``2 * patch_size`` pixels (at most
+    ``max_side**2`` pixels in all) and gives ``(h / 2p) * (w / 2p)`` image tokens, placed at 3-D rotary
+    positions (temporal, height, width). The vision windows are 2x2 merged tokens, so images larger
+    than 32 pixels a side use both window and full attention.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    conv = tokenizer.convert_tokens_to_ids
+    ids = {k: int(conv(v)) for k, v in QWEN_SPECIALS.items()}  # type: ignore[arg-type]
+    head_dim = d_model // 4
+    third = head_dim // 2 // 3
+    mrope = [head_dim // 2 - 2 * third, third, third]  # temporal, height, width frequency sections
+    config = Qwen2_5_VLConfig(  # type: ignore[call-arg]
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+            pad_token_id=conv("<pad>"),
+            bos_token_id=None,
+            eos_token_id=conv("<eos>"),
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=patch_size,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=4 * patch_size,
+            out_hidden_size=d_model,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        pad_token_id=conv("<pad>"),
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": max_side**2},
+    )
+    return model, ImageTextQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_vlm(
+    arch: TinyArch, words: Iterable[str], seed: int = 0, extra_specials: Iterable[str] = ()
+) -> tuple[Any, Any]:
+    """(model, processor) of a tiny model of ``arch`` with a word tokenizer over ``words``."""
+    tok = build_word_tokenizer(words, arch, extra_specials)
+    if arch == "gemma3":
+        return tiny_gemma3(tok, seed=seed)
+    if arch == "llava":
+        return tiny_llava(tok, seed=seed)
+    if arch == "llava_next":
+        return tiny_llava_next(tok, seed=seed)
+    return tiny_qwen2_5_vl(tok, seed=seed)

@@ -49,6 +49,7 @@ EXPORTS: dict[str, str] = {
     "eager_attention": "attention",
     "final_attention_to_image": "attention",
     "threshold_map": "attention",
+    "token_grids": "attention",
     "upsample": "attention",
     # interp.scores
     "LayerScores": "scores",
@@ -114,6 +115,7 @@ if TYPE_CHECKING:
         eager_attention,
         final_attention_to_image,
         threshold_map,
+        token_grids,
         upsample,
     )
     from interp.attribution import agreement, attribution_patching, rankdata, spearman

@@ -5,9 +5,10 @@ Pipeline (``docs/metrics.md``, "Attention in box"):
 1. attention weights of the final position over the image tokens, averaged over chosen layers and
    heads (read from the text attention modules; eager attention is switched on for the forward pass
    and switched back afterwards, since SDPA does not return weights);
-2. reshaped to the image-token grid, ``sqrt(n_image_tokens)`` per side, row-major (token k sits at
-   row ``k // side``, column ``k % side``: the order of both Gemma3's pooled patches and LLaVA's
-   patches);
+2. reshaped to the image-token grid of the family (:attr:`hooks.families.FamilyInputs.token_grid`):
+   ``sqrt(n_image_tokens)`` per side, row-major, for Gemma3's pooled patches and LLaVA's patches (token
+   k sits at row ``k // side``, column ``k % side``); LLaVA-NeXT's base tile; Qwen2.5-VL's merged
+   patches (``rows x cols`` from ``image_grid_thw``, not square for a non-square image);
 3. upsampled to the image size: ``nearest`` (default: every pixel gets its token's weight, so the map
    stays an honest piecewise-constant picture of token attention) or ``bilinear`` (smoother, spreads
    weight over token borders);
@@ -190,6 +191,17 @@ def box_coverage_precision(
     return BoxOverlap(inter / n_b if n_b else float("nan"), inter / n_a if n_a else float("nan"))
 
 
+def token_grids(adapter: VLMAdapter, batch: Batch, weights: Float[Tensor, "batch n_image"]) -> list[Tensor]:
+    """Each row's image-token weights on its token grid (``rows x cols``, row-major; the family's
+    :meth:`hooks.families.FamilyInputs.grid`)."""
+    parts = batch.image_parts()
+    out = []
+    for i in range(len(batch)):
+        first, rows, cols = adapter.spec.inputs.grid(adapter.model, parts[i], weights.shape[-1])
+        out.append(weights[i, first : first + rows * cols].reshape(rows, cols))
+    return out
+
+
 def attention_maps(
     adapter: VLMAdapter,
     batch: Batch,
@@ -199,7 +211,14 @@ def attention_maps(
     mode: Upsample = "nearest",
 ) -> Float[Tensor, "batch H W"]:
     """Final-position attention to the image, on the token grid, upsampled to ``image_size``."""
-    return upsample(attention_grid(final_attention_to_image(adapter, batch, layers, heads)), image_size, mode)
+    weights = final_attention_to_image(adapter, batch, layers, heads)
+    return _maps(adapter, batch, weights, image_size, mode)
+
+
+def _maps(
+    adapter: VLMAdapter, batch: Batch, weights: Tensor, image_size: int | tuple[int, int], mode: Upsample
+) -> Tensor:
+    return torch.stack([upsample(g, image_size, mode) for g in token_grids(adapter, batch, weights)])
 
 
 def attention_in_box(
@@ -216,7 +235,7 @@ def attention_in_box(
     if len(boxes) != len(batch):
         raise ValueError(f"{len(boxes)} boxes for {len(batch)} rows: pass one box (or None) per row")
     weights = final_attention_to_image(adapter, batch, layers, heads)
-    maps = upsample(attention_grid(weights), image_size, mode)
+    maps = _maps(adapter, batch, weights, image_size, mode)
     rows = []
     for i, box in enumerate(boxes):
         cov = prec = float("nan")

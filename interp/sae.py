@@ -14,7 +14,9 @@ Sources (:func:`load_sae`):
 - a Gemma Scope 2 folder (``params.safetensors`` with ``w_enc [d, width]``, ``w_dec [width, d]``,
   ``b_enc``, ``b_dec``, ``threshold``, optionally ``config.json``): ``SAE.load_from_disk(path,
   converter=gemma_scope_2_disk_loader)`` builds a sae-lens ``JumpReLUSAE``, configured as sae-lens' own
-  hub loader does (``apply_b_dec_to_input=False``), so ``f = relu(x @ w_enc + b_enc) * (pre > threshold)``;
+  hub loader does (``apply_b_dec_to_input=False``), so ``f = relu(x @ w_enc + b_enc) * (pre > threshold)``.
+  Site, release and seed variant come from the folder as released (:mod:`interp.gemma_scope`);
+  attention-out SAEs and transcoders are refused with the reason;
 - the hub (:func:`load_sae_from_hub`, wraps ``SAE.from_pretrained``; needs the network, never in tests).
 
 sae-lens is imported lazily (it takes seconds), so ``import interp`` stays cheap.
@@ -35,6 +37,14 @@ from safetensors import safe_open
 from torch import Tensor
 
 from hooks.sites import Site, attn_out, mlp_out, parse_site, resid_post, resid_pre
+from interp.gemma_scope import (
+    ATTN_OUT_REASON,
+    TRANSCODER_REASON,
+    parse_folder,
+    refuse_kind,
+    release_of,
+    site_of,
+)
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -57,13 +67,6 @@ _HOOK_PATTERNS: tuple[tuple[str, Any], ...] = (
     (r"(?:[\w.]+\.)?layers\.(\d+)\.post_feedforward_layernorm(?:\.output)?", mlp_out),
     (r"(?:[\w.]+\.)?layers\.(\d+)\.post_attention_layernorm(?:\.output)?", attn_out),
 )
-_FOLDER = re.compile(r"layer_(\d+)_width_(\d+)(k|m)?_l0_([A-Za-z0-9]+)")
-_FAMILY_SUFFIX = {
-    "resid_post": "res",
-    "resid_post_all": "res-all",
-    "mlp_out": "mlp",
-    "mlp_out_all": "mlp-all",
-}
 
 
 def site_from_hook_name(hook_name: str) -> Site:
@@ -71,10 +74,15 @@ def site_from_hook_name(hook_name: str) -> Site:
 
     ``"blocks.17.hook_resid_post"`` (sae-lens / TransformerLens), ``"model.layers.17.output"`` (Gemma
     Scope 2 ``hf_hook_point_in``), ``"model.language_model.layers.17"`` (the VLM module path) and
-    ``"resid_post(17)"`` all give ``resid_post(17)``. Head-split hooks (``hook_z``, ``o_proj.input``)
-    have no typed site and raise.
+    ``"resid_post(17)"`` all give ``resid_post(17)``. Head-split hooks (``hook_z``, ``o_proj.input``: what
+    Gemma Scope 2 attention SAEs read) have no typed site and raise, saying so.
     """
     name = hook_name.strip()
+    head_split = re.fullmatch(
+        r"(?:[\w.]+\.)?(?:layers|blocks)\.(\d+)\.(?:self_attn\.o_proj\.input|attn\.hook_z)", name
+    )
+    if head_split:
+        raise ValueError(f"SAE hook {hook_name!r}: {ATTN_OUT_REASON.format(L=head_split.group(1))}")
     if "vision" not in name:
         for pattern, make in _HOOK_PATTERNS:
             hit = re.fullmatch(pattern, name)
@@ -102,6 +110,8 @@ class FeatureRef:
     """L0 variant of the release (``"small"``, ``"medium"``, ``"big"``, ``"k32"`` for a trained TopK)."""
     index: int
     """Feature index in ``[0, width)``."""
+    seed: int = 0
+    """Training seed of the SAE's variant (Gemma Scope ``..._l0_medium_seed_1`` -> 1; 0 for the default)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.width:
@@ -110,7 +120,8 @@ class FeatureRef:
             )
 
     def __str__(self) -> str:
-        return f"{self.release}/L{self.layer}/w{self.width}/l0={self.l0}#{self.index}"
+        seed = f"/seed={self.seed}" if self.seed else ""
+        return f"{self.release}/L{self.layer}/w{self.width}/l0={self.l0}{seed}#{self.index}"
 
 
 @dataclass
@@ -133,6 +144,8 @@ class LoadedSAE:
     """Hook name from the SAE's own metadata (``blocks.17.hook_resid_post``, ``model.layers.17.output``)."""
     path: str | None = None
     """Folder it was loaded from (``None`` for an in-memory or hub SAE)."""
+    seed: int = 0
+    """Seed variant (Gemma Scope ``_seed_N`` folders); 0 for the default."""
 
     def __post_init__(self) -> None:
         if self.width != self.sae.cfg.d_sae:
@@ -162,7 +175,7 @@ class LoadedSAE:
 
     def ref(self, index: int) -> FeatureRef:
         """The :class:`FeatureRef` of feature ``index``."""
-        return FeatureRef(self.release, self.layer, self.width, self.l0, int(index))
+        return FeatureRef(self.release, self.layer, self.width, self.l0, int(index), self.seed)
 
     def indices(self, features: Sequence[int | FeatureRef] | Tensor) -> Tensor:
         """Feature indices as a long tensor; FeatureRefs must belong to this SAE."""
@@ -172,11 +185,12 @@ class LoadedSAE:
             out = []
             for feat in features:
                 if isinstance(feat, FeatureRef):
-                    if (feat.release, feat.layer, feat.width, feat.l0) != (
+                    if (feat.release, feat.layer, feat.width, feat.l0, feat.seed) != (
                         self.release,
                         self.layer,
                         self.width,
                         self.l0,
+                        self.seed,
                     ):
                         raise ValueError(f"{feat} belongs to another SAE than {self.ref(0)}")
                     out.append(feat.index)
@@ -208,25 +222,6 @@ class LoadedSAE:
 
 
 # ---------------------------------------------------------------------- loading
-def _parse_folder(name: str) -> tuple[int | None, int | None, str | None]:
-    """``layer_17_width_16k_l0_medium`` -> (17, 16384, "medium"); Nones where it does not match."""
-    hit = _FOLDER.search(name)
-    if not hit:
-        return None, None, None
-    mult = {"k": 1024, "m": 1024**2}.get(hit.group(3) or "", 1)
-    return int(hit.group(1)), int(hit.group(2)) * mult, hit.group(4)
-
-
-def _gemma_scope_release(path: Path) -> str:
-    """``.../gemma-scope-2-4b-it/resid_post/layer_17_...`` -> ``gemma-scope-2-4b-it-res``."""
-    parts = path.resolve().parts
-    repo = next((p for p in reversed(parts) if p.startswith("gemma-scope")), None)
-    family = _FAMILY_SUFFIX.get(path.resolve().parent.name)
-    if repo and family:
-        return f"{repo}-{family}"
-    return repo or path.name
-
-
 def gemma_scope_2_disk_loader(
     path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -234,7 +229,8 @@ def gemma_scope_2_disk_loader(
 
     Mirrors sae-lens' ``gemma_3`` hub loader: a ``jumprelu`` config with ``apply_b_dec_to_input=False``
     and the weights renamed ``w_enc -> W_enc`` etc. (Gemma Scope stores them in the orientation sae-lens
-    uses). Transcoders and CLTs are refused.
+    uses). The site comes from ``config.json``, else from the parent folder; transcoders, CLTs and
+    attention-out SAEs are refused with the reason (:mod:`interp.gemma_scope`).
     """
     from sae_lens import __version__
 
@@ -242,11 +238,8 @@ def gemma_scope_2_disk_loader(
     raw: dict[str, Any] = {}
     if (root / "config.json").is_file():
         raw = json.loads((root / "config.json").read_text())
-    if raw.get("architecture", "jump_relu") != "jump_relu" or raw.get("hf_hook_point_out") not in (
-        None,
-        raw.get("hf_hook_point_in"),
-    ):
-        raise ValueError(f"{root}: not a Gemma Scope JumpReLU SAE (a transcoder?); only SAEs are supported")
+    folder = parse_folder(root.name)
+    refuse_kind(root, raw, folder)
     with safe_open(str(root / GEMMA_SCOPE_PARAMS), framework="pt", device=device) as f:
         missing = [k for k in GEMMA_SCOPE_KEYS if k not in f.keys()]  # noqa: SIM118
         if missing:
@@ -255,9 +248,7 @@ def gemma_scope_2_disk_loader(
     d_in, d_sae = weights["w_enc"].shape
     if weights["w_dec"].shape != (d_sae, d_in):
         raise ValueError(f"w_dec has shape {tuple(weights['w_dec'].shape)}; expected {(d_sae, d_in)}")
-    layer, _, l0 = _parse_folder(root.name)
-    hf_hook = raw.get("hf_hook_point_in")
-    site = site_from_hook_name(hf_hook) if hf_hook else (resid_post(layer) if layer is not None else None)
+    site, hf_hook = site_of(root, raw, folder)
     tl_hook = None
     if site is not None and site.kind in ("resid_post", "resid_pre", "mlp_out"):
         tl_hook = f"blocks.{site.layer}.hook_{site.kind}"
@@ -275,8 +266,11 @@ def gemma_scope_2_disk_loader(
             "model_name": raw.get("model_name"),
             "hook_name": tl_hook,
             "hf_hook_name": hf_hook,
-            "flipscope_release": _gemma_scope_release(root),
-            "flipscope_l0": str(raw.get("l0_variant") or l0 or raw.get("l0") or "unknown"),
+            "flipscope_release": release_of(root) or root.name,
+            "flipscope_l0": str(
+                raw.get("l0_variant") or (folder and folder.l0) or raw.get("l0") or "unknown"
+            ),
+            "flipscope_seed": folder.seed if folder is not None else None,
             "flipscope_site": str(site) if site is not None else None,
         },
     }
@@ -286,26 +280,33 @@ def gemma_scope_2_disk_loader(
     return cfg, state
 
 
-def _wrap(sae: SAE, path: Path | None, site: Site | None, release: str | None, l0: str | None) -> LoadedSAE:
+def _wrap(
+    sae: SAE, path: Path | None, site: Site | None, release: str | None, l0: str | None, name: str = ""
+) -> LoadedSAE:
     meta = sae.cfg.metadata
+    if "transcoder" in str(getattr(sae.cfg, "architecture", lambda: "")()) or meta.get("hook_name_out"):
+        raise ValueError(f"{path or name or 'this SAE'}: {TRANSCODER_REASON}")
     hook = meta.get("flipscope_site") or meta.get("hf_hook_name") or meta.get("hook_name")
     if site is None and hook:
         site = site_from_hook_name(hook)
-    name = path.name if path is not None else ""
-    f_layer, _, f_l0 = _parse_folder(name)
-    if site is None and f_layer is not None:
-        site = resid_post(f_layer)
+    name = name or (path.name if path is not None else "")
+    folder = parse_folder(name)
     if site is None:
-        raise ValueError(f"cannot tell which site {path or 'this SAE'} reads; pass site=resid_post(L)")
+        raise ValueError(
+            f"cannot tell which site {path or 'this SAE'} reads: no hook in its config, and a Gemma Scope "
+            "folder needs config.json or a parent folder named resid_post or mlp_out; pass site=resid_post(L)"
+        )
+    seed = meta.get("flipscope_seed")
     return LoadedSAE(
         sae=sae,
         site=site,
         release=release or meta.get("flipscope_release") or meta.get("release") or name or "sae",
         layer=site.layer,
         width=int(sae.cfg.d_sae),
-        l0=l0 or meta.get("flipscope_l0") or f_l0 or _l0_of(sae),
+        l0=l0 or meta.get("flipscope_l0") or (folder and folder.l0) or _l0_of(sae),
         hook_name=meta.get("hf_hook_name") or meta.get("hook_name"),
         path=str(path) if path is not None else None,
+        seed=int(seed) if seed is not None else (folder.seed if folder is not None else 0),
     )
 
 
@@ -352,8 +353,8 @@ def load_sae_from_hub(
     from sae_lens import SAE
 
     sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
-    _, _, l0 = _parse_folder(sae_id)
-    loaded = _wrap(sae, None, site, release, l0)
+    folder = parse_folder(sae_id)
+    loaded = _wrap(sae, None, site, release, folder.l0 if folder else None, name=sae_id)
     loaded.path = f"hub:{release}/{sae_id}"
     return loaded
 
@@ -361,7 +362,7 @@ def load_sae_from_hub(
 def save_sae(sae: LoadedSAE, path: str | Path) -> Path:
     """Write ``sae`` as a sae-lens folder (``SAE.save_model``) that :func:`load_sae` reopens with its names."""
     meta = sae.sae.cfg.metadata
-    meta.flipscope_release, meta.flipscope_l0 = sae.release, sae.l0
+    meta.flipscope_release, meta.flipscope_l0, meta.flipscope_seed = sae.release, sae.l0, sae.seed
     meta.flipscope_site = str(sae.site) if sae.site is not None else None
     if (
         meta.get("hook_name") is None

@@ -14,8 +14,10 @@ suffix start at the first image token.
 
 Supported: text layers called as ``layer(hidden, attention_mask=..., position_embeddings=...,
 position_ids=..., past_key_values=...)`` whose attention calls ``past_key_values.update(k, v,
-layer_idx)`` (Gemma3, Llama/Mistral in transformers 5), with a materialised (eager) attention mask.
-Anything else raises :class:`ResumeUnsupported`, and callers fall back to full forwards.
+layer_idx)`` (Gemma3, Llama/Mistral in transformers 5: LLaVA and LLaVA-NeXT; Qwen2.5-VL, whose 3-D
+rotary positions reach the layers as per-position ``position_embeddings`` (cos, sin) and slice like
+any other), with a materialised (eager) attention mask. Anything else raises
+:class:`ResumeUnsupported`, and callers fall back to full forwards.
 """
 
 from __future__ import annotations

@@ -22,6 +22,23 @@ if TYPE_CHECKING:
 DEFAULT_OUT = Path("runs") / "lora"
 
 
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """``--prompt`` and ``--image-position`` (the adapter's prompt settings, recorded in every run)."""
+    parser.add_argument(
+        "--prompt",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="chat: the model's chat template (user turn + generation prompt); plain: image + prompt; "
+        "auto (default): chat if the processor has a chat template, else plain",
+    )
+    parser.add_argument(
+        "--image-position",
+        default=None,
+        choices=["before", "after"],
+        help="image before (default) or after the question text",
+    )
+
+
 def _parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -55,6 +72,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from analyses.data.resolve import resolve_model
 
     adapter, model_dir = resolve_model(args.model)
+    adapter.set_prompt(args.prompt, args.image_position)
     if args.all_layers:
         layers = all_layers(adapter)
     elif args.scores:
@@ -95,6 +113,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from lora_targeted.train import load_lora
 
     base, model_dir = resolve_model(args.model)
+    base.set_prompt(args.prompt, args.image_position)
     adapters = {"base": base}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
@@ -133,6 +152,7 @@ def add_lora_parser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true")
+        add_prompt_options(p)
 
     tr = sub.add_parser("train", help="train LoRA on chosen text layers with a paraphrase-consistency loss")
     common(tr, "train")

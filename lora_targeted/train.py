@@ -254,9 +254,9 @@ def cluster_losses(
             questions.append(c.original.question)
             pil.append(rep)
             if rep is not None:
-                feats.append(cache.features.get(f"removed:{cfg.removal}", rep))
+                feats.append(cache.features.get(f"removed:{cfg.removal}:{rep.size[0]}x{rep.size[1]}", rep))
     batch = adapter.prepare(pil, questions)
-    logits = adapter.logits(batch, image_features=torch.stack(feats) if feats else None)[:, -1]
+    logits = adapter.logits(batch, image_features=feats or None)[:, -1]
     margin = adapter.answer_ids.margin(logits)
     dev = logits.device
     targets = torch.tensor([r.ground_truth for r in rows], device=dev)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models of both supported architectures, built from config (random weights)."""
+"""Shared fixtures: tiny models of every supported architecture, built from config (random weights)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ import torch
 from PIL import Image
 
 from hooks.adapter import AdapterConfig, VLMAdapter
-from hooks.tiny import build_word_tokenizer, tiny_gemma3, tiny_llava
+from hooks.tiny import tiny_vlm
 
 WORDS = ["is", "there", "cardiomegaly", "an", "enlarged", "heart", "effusion", "can", "be", "ruled", "out"]
-IMAGE_SIZES = {"gemma3": 64, "llava": 32}
+#: The tiny families and the image side their tests use (the expected_image_size guard is set to it).
+IMAGE_SIZES = {"gemma3": 64, "llava": 32, "llava_next": 32, "qwen2_5_vl": 32}
+FAMILIES = tuple(IMAGE_SIZES)
+#: HF class of each tiny family (a row of hooks.sites.ARCHITECTURES).
+ARCH_OF = {
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 torch.set_num_threads(2)
 
@@ -40,13 +49,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def make_adapter(arch: str, seed: int = 0) -> VLMAdapter:
-    tok = build_word_tokenizer(WORDS, arch)  # type: ignore[arg-type]
-    model, proc = tiny_gemma3(tok, seed=seed) if arch == "gemma3" else tiny_llava(tok, seed=seed)
-    return VLMAdapter(model, proc, AdapterConfig(expected_image_size=IMAGE_SIZES[arch]), name=f"tiny-{arch}")
+def make_adapter(arch: str, seed: int = 0, config: AdapterConfig | None = None) -> VLMAdapter:
+    model, proc = tiny_vlm(arch, WORDS, seed=seed)  # type: ignore[arg-type]
+    cfg = config or AdapterConfig(expected_image_size=IMAGE_SIZES[arch])
+    return VLMAdapter(model, proc, cfg, name=f"tiny-{arch}")
 
 
-@pytest.fixture(scope="session", params=["gemma3", "llava"])
+@pytest.fixture(scope="session", params=FAMILIES)
 def adapter(request: pytest.FixtureRequest) -> VLMAdapter:
     return make_adapter(request.param)
 

@@ -37,6 +37,12 @@ def test_eval_writes_predictions_summary_and_report(
     assert summary["choices"]["rule"]["reliance"] == "margin_shift"
     assert summary["run"]["removal"] == "removed:gray"
     assert "<html>" in (out / "report.html").read_text()[:200]
+    meta = json.loads((out / "meta.json").read_text())  # the organism has no chat template: plain
+    assert meta["prompt_mode"] == "plain" and meta["prompt_example"]["tokens"][:2] == [
+        "<bos>",
+        "<start_of_image>",
+    ]
+    assert meta["answer_ids"]["yes_tokens"] == ["yes"]
     # a second run resumes: nothing recomputed, nothing duplicated
     assert main(argv) == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == len(lines)
@@ -45,6 +51,17 @@ def test_eval_writes_predictions_summary_and_report(
 def test_bad_model_path_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_prompt_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "--out", str(tmp_path / "o"), "--n-images", "1", "--quiet", "--n-boot", "10"]
+    assert main([*argv, "--prompt", "chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--prompt", "turns"])
+    assert main([*argv, "--prompt", "plain", "--image-position", "after"]) == 0
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["image_position"] == "after" and meta["prompt_example"]["text"].endswith("<start_of_image>")
 
 
 def test_info(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,5 @@
-"""The adapter on tiny Gemma3 and LLaVA models: margins, conditions, sites, traces, errors."""
+"""The adapter on tiny Gemma3, LLaVA, LLaVA-NeXT and Qwen2.5-VL models: margins, conditions, sites,
+traces, errors. Prompt modes, mixed image sizes and non-HF checkpoints: tests/test_families.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from hooks.sites import (
     vision_resid,
 )
 from hooks.trace import forward_order
-from tests.conftest import QUESTIONS, random_images
+from tests.conftest import ARCH_OF, QUESTIONS, random_images
 
 
 def test_margin_equals_plain_hf_forward(adapter: VLMAdapter, images: list[Image.Image]) -> None:
@@ -69,14 +70,8 @@ def test_removed_image_changes_image_tokens_only(
     b = adapter.prepare(removed, QUESTIONS, conditions=[Removal(kind).label] * 3)  # type: ignore[arg-type]
     assert torch.equal(a.input_ids, b.input_ids)  # same tokens ...
     assert not torch.allclose(a.inputs["pixel_values"], b.inputs["pixel_values"])  # ... other pixels
-    with torch.no_grad():
-        ea = adapter.module(image_embeds())(
-            adapter.model.model.vision_tower(a.inputs["pixel_values"]).last_hidden_state
-        )
-        eb = adapter.module(image_embeds())(
-            adapter.model.model.vision_tower(b.inputs["pixel_values"]).last_hidden_state
-        )
-    assert (ea - eb).abs().max() > 1e-3
+    ea, eb = adapter.image_features(a.image_inputs), adapter.image_features(b.image_inputs)
+    assert all((x - y).abs().max() > 1e-3 for x, y in zip(ea, eb, strict=True))
     assert not torch.allclose(adapter.margins(a), adapter.margins(b))
     arr = np.asarray(removed[0].convert("L"))
     if kind == "gray":
@@ -118,7 +113,8 @@ def test_swapped_image_changes_pixels_and_margin(adapter: VLMAdapter, images: li
     a = adapter.prepare(images, q)
     swapped = adapter.prepare(images[1:] + images[:1], q, conditions=["swap"] * 3)
     assert torch.equal(a.input_ids, swapped.input_ids)
-    assert torch.equal(a.inputs["pixel_values"][1], swapped.inputs["pixel_values"][0])
+    for key, value in a.image_parts()[1].items():
+        assert torch.equal(value, swapped.image_parts()[0][key])
     assert not torch.allclose(adapter.margins(a), adapter.margins(swapped))
 
 
@@ -137,7 +133,7 @@ def test_position_classes(adapter: VLMAdapter, images: list[Image.Image]) -> Non
 def test_every_site_resolves_to_a_module(arch: str) -> None:
     from tests.conftest import make_adapter
 
-    a = make_adapter("gemma3" if arch.startswith("Gemma3") else "llava")
+    a = make_adapter({v: k for k, v in ARCH_OF.items()}[arch])
     assert a.spec.name == arch
     sites = [s(layer) for s in (resid_pre, resid_post, attn_out, mlp_out) for layer in range(a.n_layers)]
     sites += [vision_resid(i) for i in range(a.n_vision_layers)] + [
@@ -265,9 +261,10 @@ def test_wrong_image_size(adapter: VLMAdapter) -> None:
         adapter.prepare(random_images(1, 48), QUESTIONS[:1])
 
 
-def test_mixed_sizes(adapter: VLMAdapter) -> None:
+def test_expected_size_guard_names_the_size(adapter: VLMAdapter) -> None:
+    """The guard is opt-in: with it set, one odd image in a batch is refused and named."""
     size = adapter.config.expected_image_size or 64
-    with pytest.raises(ValueError, match="mixed image sizes"):
+    with pytest.raises(ValueError, match=rf"image size \({2 * size}, {2 * size}\) does not match"):
         adapter.prepare(random_images(1, size) + random_images(1, size * 2), QUESTIONS[:2])
 
 
@@ -325,10 +322,16 @@ def test_save_and_from_pretrained_roundtrip(gemma3_adapter: VLMAdapter, tmp_path
 def test_cached_image_features_give_the_same_margins(adapter: VLMAdapter, images: list[Image.Image]) -> None:
     """Encoding each image once and reusing its features == the full forward."""
     b = adapter.prepare([images[0], None, images[2]], QUESTIONS)
-    feats = adapter.image_features(b.inputs["pixel_values"])
-    assert feats.shape == (2, int(b.image_mask[0].sum()), adapter.d_model)
+    feats = adapter.image_features(b.image_inputs)
+    assert [f.shape for f in feats] == [(int(b.image_mask[i].sum()), adapter.d_model) for i in (0, 2)]
     torch.testing.assert_close(
         adapter.margins(b, image_features=feats), adapter.margins(b), atol=1e-5, rtol=1e-5
     )
+    encoded = adapter.encode_images([images[0], images[2]])  # the evaluator's path: images alone
+    torch.testing.assert_close(
+        adapter.margins(b, image_features=encoded), adapter.margins(b), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="image feature sets"):
         adapter.margins(b, image_features=feats[:1])
+    with pytest.raises(ValueError, match="tokens but its row has"):
+        adapter.margins(b, image_features=[feats[0][:-1], feats[1]])

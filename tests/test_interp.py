@@ -37,6 +37,7 @@ from interp import (
     recovery_line,
     spearman,
     sweep_reference,
+    token_grids,
 )
 from interp.patching import capture
 from interp.stats import mean_bootstrap
@@ -382,9 +383,15 @@ def test_attention_to_image(adapter: VLMAdapter) -> None:
         att[clean.image_mask].reshape(3, n_img),
     )
     maps = attention_maps(adapter, clean, size(adapter))
-    side = round(n_img**0.5)
     assert maps.shape == (3, size(adapter), size(adapter))
-    torch.testing.assert_close(maps[:, :: size(adapter) // side, :: size(adapter) // side], attention_grid(w))
+    grids = token_grids(adapter, clean, w)
+    for i, grid in enumerate(grids):
+        rows, cols = grid.shape
+        torch.testing.assert_close(maps[i, :: size(adapter) // rows, :: size(adapter) // cols], grid)
+    if adapter.spec.inputs.token_grid == "square":
+        torch.testing.assert_close(torch.stack(grids), attention_grid(w))
+    elif adapter.spec.inputs.token_grid == "base_tile":  # LLaVA-NeXT: 36 tokens, but the base tile is 4x4
+        assert grids[0].shape == (4, 4) and n_img != 16
     table = attention_in_box(
         adapter, clean, [_box(0, 0, 16, 16), None, _box(0, 0, size(adapter), size(adapter))], size(adapter)
     )
@@ -489,5 +496,6 @@ def test_image_feature_cache_equals_the_model_encoding(adapter: VLMAdapter) -> N
     cache.get("b", imgs[1])
     cache.get("c", imgs[2])  # the oldest ("a") is dropped
     assert len(cache) == 2 and "a" not in cache and "c" in cache
-    pv = adapter.processor.image_processor(images=[imgs[1]], return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(cache.get("b", imgs[1]), adapter.image_features(pv)[0])
+    inputs = adapter.image_inputs([imgs[1]])
+    assert set(inputs) == set(adapter.spec.inputs.image_keys)
+    torch.testing.assert_close(cache.get("b", imgs[1]), adapter.image_features(inputs)[0])

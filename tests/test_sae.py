@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hooks.adapter import VLMAdapter
 from hooks.batch import Batch
-from hooks.sites import mlp_out, resid_post, resid_pre
+from hooks.sites import attn_out, mlp_out, resid_post, resid_pre
 from interp import (
     FeatureRef,
     LoadedSAE,
@@ -55,8 +55,10 @@ def gemma_scope_params(d: int, seed: int = 0) -> dict[str, Tensor]:
     return params
 
 
-def write_gemma_scope(root: Path, layer: int, d: int, config: bool = True) -> Path:
-    folder = root / "gemma-scope-2-tiny-it" / "resid_post" / f"layer_{layer}_width_{WIDTH}_l0_medium"
+def write_gemma_scope(
+    root: Path, layer: int, d: int, config: bool = True, kind: str = "resid_post", name: str = ""
+) -> Path:
+    folder = root / "gemma-scope-2-tiny-it" / kind / (name or f"layer_{layer}_width_{WIDTH}_l0_medium")
     folder.mkdir(parents=True)
     save_file(gemma_scope_params(d, seed=layer), str(folder / "params.safetensors"))
     if config:  # the keys of a real Gemma Scope 2 config.json
@@ -151,6 +153,92 @@ def test_hook_names_map_to_sites() -> None:
     assert site_from_hook_name("model.layers.4.post_feedforward_layernorm.output") == mlp_out(4)
     with pytest.raises(ValueError, match="site="):
         site_from_hook_name("blocks.4.attn.hook_z")
+
+
+def test_gemma_scope_2_folders_as_released(tmp_path: Path) -> None:
+    """Each hub layout without config.json: the parent folder gives the site (or the refusal)."""
+    d = 48
+    mlp = load_sae(write_gemma_scope(tmp_path / "a", 9, d, config=False, kind="mlp_out"))
+    assert (mlp.site, mlp.release, mlp.hook_name) == (
+        mlp_out(9),
+        "gemma-scope-2-tiny-it-mlp",
+        "model.layers.9.post_feedforward_layernorm.output",
+    )
+    res_all = load_sae(write_gemma_scope(tmp_path / "b", 3, d, config=False, kind="resid_post_all"))
+    assert (res_all.site, res_all.release) == (resid_post(3), "gemma-scope-2-tiny-it-res-all")
+    with pytest.raises(ValueError, match=r"self_attn\.o_proj\.input.*not flipscope's attn_out site"):
+        load_sae(write_gemma_scope(tmp_path / "c", 9, d, config=False, kind="attn_out"))
+    with pytest.raises(ValueError, match="transcoder"):
+        load_sae(write_gemma_scope(tmp_path / "d", 9, d, config=False, kind="transcoder"))
+    with pytest.raises(ValueError, match="transcoder"):
+        load_sae(
+            write_gemma_scope(
+                tmp_path / "e",
+                9,
+                d,
+                config=False,
+                kind="transcoder_all",
+                name="layer_9_width_32_l0_big_affine",
+            )
+        )
+    with pytest.raises(ValueError, match="cannot tell which site"):  # no config.json, unknown parent folder
+        load_sae(write_gemma_scope(tmp_path / "f", 9, d, config=False, kind="my_saes"))
+    assert load_sae(
+        tmp_path / "f" / "gemma-scope-2-tiny-it" / "my_saes" / f"layer_9_width_{WIDTH}_l0_medium",
+        site=resid_post(9),
+    ).site == resid_post(9)
+
+
+def test_gemma_scope_2_config_json_decides_the_site(tmp_path: Path) -> None:
+    d = 48
+    folder = write_gemma_scope(tmp_path / "a", 9, d, config=False, kind="resid_post")
+    # config.json wins over the parent folder
+    (folder / "config.json").write_text(
+        json.dumps({"hf_hook_point_in": "model.layers.9.post_feedforward_layernorm.output"})
+    )
+    assert load_sae(folder).site == mlp_out(9)
+    attn = write_gemma_scope(tmp_path / "b", 9, d, config=False, kind="attn_out")
+    (attn / "config.json").write_text(
+        json.dumps({"hf_hook_point_in": "model.layers.9.self_attn.o_proj.input"})
+    )
+    with pytest.raises(ValueError, match="o_proj"):
+        load_sae(attn, site=attn_out(9))  # refused even with an explicit site: it is not that site
+    tc = write_gemma_scope(tmp_path / "c", 9, d, config=False, kind="resid_post")
+    (tc / "config.json").write_text(
+        json.dumps(
+            {
+                "hf_hook_point_in": "model.layers.9.pre_feedforward_layernorm.output",
+                "hf_hook_point_out": "model.layers.9.post_feedforward_layernorm.output",
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="transcoder"):
+        load_sae(tc)
+
+
+def test_gemma_scope_2_from_the_hf_cache_and_seed_variants(tmp_path: Path) -> None:
+    """An HF cache snapshot (files are symlinks into blobs/) gives the release; _seed_1 stays apart."""
+    d = 48
+    snap = tmp_path / "hub" / "models--google--gemma-scope-2-4b-it" / "snapshots" / "0123abcd"
+    blobs = tmp_path / "hub" / "models--google--gemma-scope-2-4b-it" / "blobs"
+    blobs.mkdir(parents=True)
+    refs = {}
+    for name in ("layer_17_width_32_l0_medium", "layer_17_width_32_l0_medium_seed_1"):
+        folder = snap / "resid_post" / name
+        folder.mkdir(parents=True)
+        blob = blobs / f"{name}.bin"
+        save_file(gemma_scope_params(d, seed=len(refs)), str(blob))
+        (folder / "params.safetensors").symlink_to(blob)
+        sae = load_sae(folder)
+        assert (sae.release, sae.site, sae.l0) == ("gemma-scope-2-4b-it-res", resid_post(17), "medium")
+        refs[name] = sae
+    seed0, seed1 = refs.values()
+    assert (seed0.seed, seed1.seed) == (0, 1) and "seed" not in str(seed0.ref(3))
+    assert seed0.ref(3) != seed1.ref(3) and str(seed1.ref(3)).endswith("/seed=1#3")
+    with pytest.raises(ValueError, match="belongs to another SAE"):
+        seed1.indices([seed0.ref(3)])
+    back = load_sae(save_sae(seed1, tmp_path / "saved"))
+    assert back.ref(3) == seed1.ref(3)
 
 
 # ---------------------------------------------------------------------- training

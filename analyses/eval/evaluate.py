@@ -200,7 +200,7 @@ def score(adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs) -
     # only the prompt layout is needed from prepare; pixels come from the feature cache
     batch = adapter.prepare(shown, [w.row.question for w in kept], [w.condition for w in kept])
     with torch.no_grad():
-        m = adapter.margins(batch, image_features=torch.stack(feats) if feats else None).cpu().tolist()
+        m = adapter.margins(batch, image_features=feats or None).cpu().tolist()
     return [prediction_record(w.row, w.condition, mi, w.image_id) for w, mi in zip(kept, m, strict=True)]
 
 
@@ -229,7 +229,7 @@ def evaluate(
     run = RunFolder(out_dir)
     removal = Removal(cfg.removal, seed=cfg.seed)
     meta = {
-        **adapter.describe(),
+        **adapter.describe(example_question=rows[0].question if rows else None),
         "dataset_hash": dataset_hash(rows),
         "n_rows": len(rows),
         "removal": removal.label,
