@@ -36,10 +36,10 @@ def model_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def psf_med(tmp_path: Path) -> tuple[Path, Path]:
-    """(PSF-Med MIMIC-style pair file, MIMIC-CXR-JPG root). One image size for all images: see the docs."""
+    """(PSF-Med MIMIC-style pair file, MIMIC-CXR-JPG root); the images have different sizes, as real ones do."""
     root = tmp_path / "mimic-cxr-jpg"
     mimic_jpg(root, "d1", size=(40, 48), seed=1)
-    mimic_jpg(root, "d2", size=(40, 48), seed=2)
+    mimic_jpg(root, "d2", size=(56, 44), seed=2)
     extra = pair("d2", "q5", "Is there cardiomegaly?", "Is the heart enlarged?", "lexical_substitution", "no")
     return write_table([*PAIRS, extra], PAIR_COLUMNS, tmp_path / "psf_med_mimic.csv"), root
 
@@ -64,7 +64,6 @@ def _lines(path: Path) -> list[dict]:
 def test_psf_med_file_with_mimic_jpgs_end_to_end(
     model_dir: Path, psf_med: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # TODO(mixed sizes): once batches take images of any size, give d2 size=(56, 44) in `psf_med`.
     data, root = psf_med
     out = tmp_path / "run"
     assert _eval(model_dir, data, root, out) == 0
