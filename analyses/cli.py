@@ -44,12 +44,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_n_images,
         check_split,
         data_options,
+        model_options,
         resolve_data,
         resolve_model,
     )
-    from analyses.eval.evaluate import EvalConfig, evaluate
+    from analyses.eval.evaluate import EvalConfig
     from analyses.eval.quadrants import QuadrantRule
     from analyses.eval.report import summary_table, write_report
+    from analyses.eval.shard import evaluate_sharded, init_dist, rank_placement
 
     check_split(args.split)  # every argument is checked before the model loads
     check_n_images(args.n_images)
@@ -57,19 +59,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
     options = data_options(args)
+    placement = model_options(args)
     data = None
     if args.data not in NAMED_DATA:  # a file or hub dataset: read it before the (slow) model load
         data = resolve_data(args.data, args.split, args.n_images, None, args.image_root, options)
-    adapter, model_dir = resolve_model(args.model)
+    dist = init_dist()  # one process, or one rank of torchrun / accelerate launch (analyses.eval.shard)
+    adapter, model_dir = resolve_model(args.model, **rank_placement(dist, placement))
     if data is None:
         data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
-    if data.report:
+    if data.report and dist.is_main:
         print(data.report)
     out = Path(args.out)
-    df = evaluate(
-        adapter, data.rows, data.images, out, cfg, progress=not args.quiet,
+    df = evaluate_sharded(
+        adapter, data.rows, data.images, out, cfg, dist, progress=not args.quiet,
         skipped=data.problems, overwrite=args.overwrite,
     )  # fmt: skip
+    if df is None:  # another rank: rank 0 merged the shards and writes the summary and report
+        return 0
     if df.empty:
         raise ValueError(f"no predictions were made: every row was left out (see {out / 'skipped.jsonl'})")
     print(summary_table(df, n_boot=args.n_boot, seed=args.seed, rule=rule))
@@ -149,7 +155,7 @@ def _cmd_info(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses.data.resolve import add_data_arguments
+    from analyses.data.resolve import add_data_arguments, add_model_arguments
 
     p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="paraphrase-sensitivity evaluation (resumable)")
     ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
+    add_model_arguments(ev)
     ev.add_argument(
         "--data",
         default="synthcxr",
@@ -250,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, OSError) as err:  # user errors (bad value, missing file or model, hub unreachable)
-        print(f"flipscope: error: {' '.join(str(err).split())}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # a rank that only relays another rank's error stays quiet
+            print(f"flipscope: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 
