@@ -47,7 +47,8 @@ def parse_max_memory(text: str | Mapping[Any, Any] | None) -> MaxMemory | None:
                 "e.g. --max-memory 0=70GiB,1=70GiB,cpu=200GiB"
             )
         try:
-            n = convert_file_size_to_int(str(size).strip())
+            text_size = str(size).strip()
+            n = int(text_size) if text_size.isdigit() else convert_file_size_to_int(text_size)
         except ValueError as err:
             raise ValueError(f"--max-memory {k}={size}: not a size (use e.g. 70GiB, 500MB)") from err
         out[int(k) if k.isdigit() else k] = int(n)
