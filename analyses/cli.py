@@ -95,6 +95,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from analyses.data.resolve import (
+        check_n_images,
+        check_split,
+        data_options,
+        model_options,
+        resolve_data,
+        resolve_model,
+    )
+    from analyses.eval.shard import init_dist, rank_placement
+    from analyses.eval.shard_cache import cache_run
+    from hooks.sites import parse_site
+
+    check_split(args.split)
+    check_n_images(args.n_images)
+    sites = [parse_site(s) for s in args.sites.split(",") if s.strip()]
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    positions = [p.strip() for p in args.positions.split(",") if p.strip()]
+    placement, options = model_options(args), data_options(args)
+    dist = init_dist()
+    adapter, model_dir = resolve_model(args.model, **rank_placement(dist, placement))
+    data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
+    cache = cache_run(
+        adapter, data.rows, data.images, sites, args.out, positions=positions, conditions=conditions,
+        removal=args.removal, batch_size=args.batch_size, shard_rows=args.shard_rows, dist=dist,
+        progress=not args.quiet,
+    )  # fmt: skip
+    if cache is not None:
+        print(f"cached {len(cache)} rows x {len(sites)} site(s) from {dist.world_size} process(es): {cache}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(
         model="organism",
@@ -212,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    ca = sub.add_parser(
+        "cache",
+        help="cache activations of a run to disk (one file per shard and site; sharded under torchrun)",
+    )
+    ca.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
+    add_model_arguments(ca)
+    ca.add_argument("--data", default="synthcxr", help="as for eval")
+    ca.add_argument("--split", default="test")
+    ca.add_argument("--n-images", type=int, default=0, help="only the first N images (0 = all)")
+    add_data_arguments(ca)
+    ca.add_argument(
+        "--sites", required=True, help="comma-separated text sites, e.g. resid_post(3),mlp_out(2)"
+    )
+    ca.add_argument(
+        "--positions", default="final", help="position classes: final, image, question, text, all"
+    )
+    ca.add_argument("--conditions", default="image", help="image and/or removed")
+    ca.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
+    ca.add_argument("--batch-size", type=int, default=32)
+    ca.add_argument("--shard-rows", type=int, default=1024, help="rows per shard file")
+    ca.add_argument("--out", default=str(DEFAULT_RUNS / "cache"))
+    ca.add_argument("--quiet", action="store_true")
+    ca.set_defaults(func=_cmd_cache)
 
     demo = sub.add_parser("demo", help="evaluate the shipped organism and write a report")
     demo.add_argument("--n-images", type=int, default=120)

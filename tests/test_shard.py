@@ -13,11 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from analyses.cli import main
 from analyses.data.schema import QuestionRow
 from analyses.eval.predictions import read_predictions
-from analyses.eval.shard import Dist, ShardError, _collectively, shard_dirs, split_images
+from analyses.eval.shard import Dist, ShardError, collectively, shard_dirs, split_images
+from hooks.sites import mlp_out, resid_post
+from interp.cache import ActivationCache
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 4
@@ -69,18 +72,18 @@ class _TwoRanks(Dist):
 
 def test_an_error_on_any_rank_stops_every_rank() -> None:
     dist = _TwoRanks(rank=0, world_size=2, local_world_size=2)
-    assert _collectively(dist, lambda: 5) == 5
+    assert collectively(dist, lambda: 5) == 5
     object.__setattr__(dist, "peer", "no such file: x")
     with pytest.raises(ShardError, match="rank 1 of 2: no such file: x") as err:
-        _collectively(dist, lambda: 5)
+        collectively(dist, lambda: 5)
     assert not err.value.quiet  # rank 0 prints the error of another rank
     with pytest.raises(ShardError, match="rank 0 of 2: ZeroDivisionError") as err:
-        _collectively(dist, lambda: 1 / 0)
+        collectively(dist, lambda: 1 / 0)
     assert not err.value.quiet
     other = _TwoRanks(rank=1, world_size=2, local_rank=1, local_world_size=2)
     object.__setattr__(other, "peer", "bad")
     with pytest.raises(ShardError) as err:  # an error of the other rank, seen from rank 1
-        _collectively(other, lambda: 5)
+        collectively(other, lambda: 5)
     assert err.value.quiet  # a relaying rank other than 0 stays quiet
 
 
@@ -171,3 +174,26 @@ def test_a_shard_of_another_run_is_refused_and_overwrite_clears_shards(
     assert main(["eval", *ARGS, "--out", str(out), "--overwrite"]) == 0
     assert not (out / "shards").exists()
     assert len(read_predictions(out / "predictions.jsonl")) == N_IMAGES * 16 * 4
+
+
+@pytest.mark.slow
+def test_torchrun_cache_parts_read_as_the_single_process_cache(tmp_path: Path) -> None:
+    args = ["cache", "--n-images", str(N_IMAGES), "--sites", "resid_post(3),mlp_out(2)", "--quiet"]
+    args += ["--positions", "final,question", "--conditions", "image,removed", "--shard-rows", "40"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    done = _torchrun([*args, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = ActivationCache.load(tmp_path / "one"), ActivationCache.load(tmp_path / "two")
+    parts = json.loads((tmp_path / "two" / "manifest.json").read_text())["parts"]
+    assert [p["name"] for p in parts] == ["rank-0-of-2", "rank-1-of-2"]
+    assert all(p["shards"] for p in parts)
+    files = sorted(f.name for f in (tmp_path / "two" / "rank-1-of-2").glob("shard_00000.*"))
+    assert files == [f"shard_00000.{x}.safetensors" for x in ("index", "mlp_out_2", "resid_post_3")]
+    assert len(one) == len(two) == N_IMAGES * 16 * 2 and sorted(one.keys) == sorted(two.keys)
+    at = {k: i for i, k in enumerate(two.keys)}
+    order = [at[k] for k in one.keys]  # the rows of `two` in the order of `one`
+    assert torch.equal(two.margins[order], one.margins)
+    for site in (resid_post(3), mlp_out(2)):
+        x1, x2 = one[site], two[site]
+        for i, j in enumerate(order):
+            assert torch.equal(x1[i][one.valid[i]], x2[j][two.valid[j]])

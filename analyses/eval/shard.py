@@ -170,7 +170,7 @@ def shard_dirs(out_dir: Path | str) -> list[Path]:
     return [p for p, m in sorted(((p, m) for p, m in found if m), key=lambda x: (int(x[1][2]), int(x[1][1])))]
 
 
-def _collectively(dist: Dist, fn: Callable[[], T]) -> T:
+def collectively(dist: Dist, fn: Callable[[], T]) -> T:
     """Run ``fn`` on this rank; if it fails on any rank, raise on every rank (no rank waits forever)."""
     result: Any = None
     status: str | None = None
@@ -252,18 +252,18 @@ def evaluate_sharded(
     own = shard_dir(out, dist.rank, dist.world_size)
     show = progress and dist.is_main
     own_rows = [r for r in rows if r.image_id in mine]
-    hashes = _collectively(dist, lambda: image_fingerprints(own_rows, images, show))
+    hashes = collectively(dist, lambda: image_fingerprints(own_rows, images, show))
     every = dict(sorted((k, v) for part in dist.gather(hashes) for k, v in part.items()))
     meta: dict[str, Any] = dist.broadcast(
-        _collectively(
+        collectively(
             dist, lambda: run_meta(adapter, rows, images, cfg, image_hashes=every) if dist.is_main else {}
         )
     )
-    _collectively(dist, lambda: _check_folder(out, meta, overwrite) if dist.is_main else None)
+    collectively(dist, lambda: _check_folder(out, meta, overwrite) if dist.is_main else None)
     done = _done_elsewhere(out, own)  # nobody writes until every rank has read
     part = Part(mine, meta, done)
-    _collectively(dist, lambda: None)
-    _collectively(dist, lambda: evaluate(adapter, rows, images, own, cfg, show, max_batches, part=part))
+    collectively(dist, lambda: None)
+    collectively(dist, lambda: evaluate(adapter, rows, images, own, cfg, show, max_batches, part=part))
     if not dist.is_main:
         return None
     return merge_shards(out, rows, cfg, [p.record() for p in skipped])
