@@ -55,6 +55,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     check_split(args.split)  # every argument is checked before the model loads
     check_n_images(args.n_images)
+    track = getattr(args, "track", None)
+    if track:
+        from analyses.eval.track import require
+
+        require(track)  # a tracker that is not installed fails now, not after the run
     conditions: Any = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
@@ -90,6 +95,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data=data.source,
     )
     print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
+    if track:
+        from analyses.eval.track import track_run
+
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        got = track_run(track, out, args=settings, project=getattr(args, "track_project", None))
+        print(f"tracked with {got.tracker}: run {got.run_id} ({len(got.metrics)} metrics) at {got.where}")
     if (out / "skipped.jsonl").exists():
         print(f"rows left out (row, line, reason): {out / 'skipped.jsonl'}")
     return 0
@@ -243,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
     )
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument(
+        "--track",
+        default=None,
+        choices=["wandb", "mlflow"],
+        help="log config, metrics and the report to Weights & Biases or MLflow (extra: flipscope[wandb|mlflow])",
+    )
+    ev.add_argument(
+        "--track-project", default=None, help="wandb project / mlflow experiment (default: flipscope)"
+    )
     ev.set_defaults(func=_cmd_eval)
 
     ca = sub.add_parser(
