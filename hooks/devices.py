@@ -178,3 +178,15 @@ def place(
     if device is not None:
         model.to(device)
     return model
+
+
+def execution_devices(model: nn.Module) -> set[torch.device]:
+    """The devices a model computes on: one, unless a device map spreads it over several GPUs.
+
+    Modules mapped to ``cpu`` or ``disk`` next to GPUs are offloaded: they run on the main GPU.
+    """
+    placed = device_map_of(model)
+    if not placed:
+        return {input_device(model)}
+    gpus = {_as_device(v) for v in placed.values() if v not in ("cpu", "disk", "meta")}
+    return gpus or {torch.device("cpu")}

@@ -16,10 +16,18 @@ from analyses.data.resolve import model_options, resolve_model
 from analyses.eval.evaluate import EvalConfig, evaluate
 from analyses.organism.model import load_organism, organism_rows
 from hooks.adapter import VLMAdapter
-from hooks.devices import device_map_of, dispatch, input_device, parse_max_memory, rank_max_memory
+from hooks.devices import (
+    device_map_of,
+    dispatch,
+    execution_devices,
+    input_device,
+    parse_max_memory,
+    rank_max_memory,
+)
 from hooks.sites import mlp_out, resid_post
 from interp import (
     PatchingConfig,
+    ResumeUnsupported,
     attribution_patching,
     cache_activations,
     clamp_features,
@@ -137,6 +145,33 @@ def test_spread_model_sae_attribution_patch_and_clamp(tmp_path: Path) -> None:
     pa, pb = (feature_patch(x, sae, orig, para, [1, 2]) for x in (plain, placed))
     assert torch.equal(pa.m_patched, pb.m_patched)
     assert torch.equal(clamp_features(plain, sae, orig, [1]), clamp_features(placed, sae, orig, [1]))
+
+
+def test_resumed_sweep_refuses_a_model_on_several_devices_and_auto_falls_back() -> None:
+    adapter = make_adapter("gemma3")
+    imgs = random_images(2, 64, seed=7)
+    clean, corrupt = adapter.prepare(imgs, QUESTIONS[:2]), adapter.prepare(imgs[::-1], QUESTIONS[:2])
+    cfg = PatchingConfig(positions=("image", "final"))
+    ref = patching_sweep(
+        adapter, clean, corrupt, PatchingConfig(positions=("image", "final"), method="stack")
+    )
+    assert execution_devices(adapter.model) == {torch.device("cpu")}
+    adapter.model.hf_device_map = {"model.language_model.layers.0": "cpu", "lm_head": "disk"}
+    assert execution_devices(adapter.model) == {torch.device("cpu")}  # offloaded, one device computes
+    adapter.model.hf_device_map = {"model": 0, "lm_head": "cpu"}
+    assert execution_devices(adapter.model) == {torch.device("cuda", 0)}
+    adapter.model.hf_device_map = {"model": 0, "lm_head": 1}  # what a two-GPU map records (weights stay here)
+    try:
+        assert execution_devices(adapter.model) == {torch.device("cuda", 0), torch.device("cuda", 1)}
+        with pytest.raises(ResumeUnsupported, match=r"spread over 2 devices .* use method='stack'"):
+            patching_sweep(
+                adapter, clean, corrupt, PatchingConfig(positions=("image", "final"), method="resume")
+            )
+        auto = patching_sweep(adapter, clean, corrupt, cfg)
+    finally:
+        del adapter.model.hf_device_map
+    assert auto.meta["method"] == "stack" and "spread over 2 devices" in auto.meta["resume_unsupported"]
+    assert auto.to_frame().equals(ref.to_frame())
 
 
 def test_evaluator_on_a_spread_organism_equals_the_plain_one(tmp_path: Path) -> None:

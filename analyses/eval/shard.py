@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +79,8 @@ class Dist:
     """Processes on this node (``LOCAL_WORLD_SIZE``)."""
     device: str = "cpu"
     """The device accelerate assigned to this process (``cuda:<local_rank>`` on GPUs)."""
+    group: Any = field(default=None, repr=False, compare=False)
+    """Process group of the small objects exchanged here (gloo also under NCCL); ``None``: the default."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size or not 0 <= self.local_rank < self.local_world_size:
@@ -93,7 +95,7 @@ class Dist:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast(self, obj: T) -> T:
@@ -101,7 +103,7 @@ class Dist:
         if self.world_size == 1:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
 
@@ -116,10 +118,18 @@ def init_dist(timeout_hours: float = 24.0) -> Dist:
     from accelerate import PartialState
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=cpu, timeout=timedelta(hours=timeout_hours))
+    timeout = timedelta(hours=timeout_hours)
+    state = PartialState(cpu=cpu, timeout=timeout)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(state.num_processes)))
+    # file lists and fingerprints go over gloo: NCCL would need them on a GPU a model may fill
+    group = None if state.backend == "gloo" else torch.distributed.new_group(backend="gloo", timeout=timeout)
     return Dist(
-        state.process_index, state.num_processes, state.local_process_index, local_world, str(state.device)
+        state.process_index,
+        state.num_processes,
+        state.local_process_index,
+        local_world,
+        str(state.device),
+        group,
     )
 
 
