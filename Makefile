@@ -44,6 +44,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_patching.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_fingerprint.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_shards.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -44,33 +44,44 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_n_images,
         check_split,
         data_options,
+        model_options,
         resolve_data,
         resolve_model,
     )
-    from analyses.eval.evaluate import EvalConfig, evaluate
+    from analyses.eval.evaluate import EvalConfig
     from analyses.eval.quadrants import QuadrantRule
     from analyses.eval.report import summary_table, write_report
+    from analyses.eval.shard import evaluate_sharded, init_dist, rank_placement
 
     check_split(args.split)  # every argument is checked before the model loads
     check_n_images(args.n_images)
+    track = getattr(args, "track", None)
+    if track:
+        from analyses.eval.track import require
+
+        require(track)  # a tracker that is not installed fails now, not after the run
     conditions: Any = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
     options = data_options(args)
+    placement = model_options(args)
     data = None
     if args.data not in NAMED_DATA:  # a file or hub dataset: read it before the (slow) model load
         data = resolve_data(args.data, args.split, args.n_images, None, args.image_root, options)
-    adapter, model_dir = resolve_model(args.model)
+    dist = init_dist()  # one process, or one rank of torchrun / accelerate launch (analyses.eval.shard)
+    adapter, model_dir = resolve_model(args.model, **rank_placement(dist, placement))
     adapter.set_prompt(args.prompt, args.image_position)
     if data is None:
         data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
-    if data.report:
+    if data.report and dist.is_main:
         print(data.report)
     out = Path(args.out)
-    df = evaluate(
-        adapter, data.rows, data.images, out, cfg, progress=not args.quiet,
+    df = evaluate_sharded(
+        adapter, data.rows, data.images, out, cfg, dist, progress=not args.quiet,
         skipped=data.problems, overwrite=args.overwrite,
     )  # fmt: skip
+    if df is None:  # another rank: rank 0 merged the shards and writes the summary and report
+        return 0
     if df.empty:
         raise ValueError(f"no predictions were made: every row was left out (see {out / 'skipped.jsonl'})")
     print(summary_table(df, n_boot=args.n_boot, seed=args.seed, rule=rule))
@@ -85,8 +96,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data=data.source,
     )
     print(f"predictions: {out / 'predictions.jsonl'}\nreport: {report}")
+    if track:
+        from analyses.eval.track import track_run
+
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        got = track_run(track, out, args=settings, project=getattr(args, "track_project", None))
+        print(f"tracked with {got.tracker}: run {got.run_id} ({len(got.metrics)} metrics) at {got.where}")
     if (out / "skipped.jsonl").exists():
         print(f"rows left out (row, line, reason): {out / 'skipped.jsonl'}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from analyses.data.resolve import (
+        check_n_images,
+        check_split,
+        data_options,
+        model_options,
+        resolve_data,
+        resolve_model,
+    )
+    from analyses.eval.shard import init_dist, rank_placement
+    from analyses.eval.shard_cache import cache_run
+    from hooks.sites import parse_site
+
+    check_split(args.split)
+    check_n_images(args.n_images)
+    sites = [parse_site(s) for s in args.sites.split(",") if s.strip()]
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    positions = [p.strip() for p in args.positions.split(",") if p.strip()]
+    placement, options = model_options(args), data_options(args)
+    dist = init_dist()
+    adapter, model_dir = resolve_model(args.model, **rank_placement(dist, placement))
+    data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
+    cache = cache_run(
+        adapter, data.rows, data.images, sites, args.out, positions=positions, conditions=conditions,
+        removal=args.removal, batch_size=args.batch_size, shard_rows=args.shard_rows, dist=dist,
+        progress=not args.quiet,
+    )  # fmt: skip
+    if cache is not None:
+        print(f"cached {len(cache)} rows x {len(sites)} site(s) from {dist.world_size} process(es): {cache}")
     return 0
 
 
@@ -152,7 +201,7 @@ def _cmd_info(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analyses.data.resolve import add_data_arguments
+    from analyses.data.resolve import add_data_arguments, add_model_arguments
 
     p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="paraphrase-sensitivity evaluation (resumable)")
     ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
+    add_model_arguments(ev)
     ev.add_argument(
         "--data",
         default="synthcxr",
@@ -207,7 +257,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
     )
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument(
+        "--track",
+        default=None,
+        choices=["wandb", "mlflow"],
+        help="log config, metrics and the report to Weights & Biases or MLflow (extra: flipscope[wandb|mlflow])",
+    )
+    ev.add_argument(
+        "--track-project", default=None, help="wandb project / mlflow experiment (default: flipscope)"
+    )
     ev.set_defaults(func=_cmd_eval)
+
+    ca = sub.add_parser(
+        "cache",
+        help="cache activations of a run to disk (one file per shard and site; sharded under torchrun)",
+    )
+    ca.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
+    add_model_arguments(ca)
+    ca.add_argument("--data", default="synthcxr", help="as for eval")
+    ca.add_argument("--split", default="test")
+    ca.add_argument("--n-images", type=int, default=0, help="only the first N images (0 = all)")
+    add_data_arguments(ca)
+    ca.add_argument(
+        "--sites", required=True, help="comma-separated text sites, e.g. resid_post(3),mlp_out(2)"
+    )
+    ca.add_argument(
+        "--positions", default="final", help="position classes: final, image, question, text, all"
+    )
+    ca.add_argument("--conditions", default="image", help="image and/or removed")
+    ca.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
+    ca.add_argument("--batch-size", type=int, default=32)
+    ca.add_argument("--shard-rows", type=int, default=1024, help="rows per shard file")
+    ca.add_argument("--out", default=str(DEFAULT_RUNS / "cache"))
+    ca.add_argument("--quiet", action="store_true")
+    ca.set_defaults(func=_cmd_cache)
 
     demo = sub.add_parser("demo", help="evaluate the shipped organism and write a report")
     demo.add_argument("--n-images", type=int, default=120)
@@ -254,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, OSError) as err:  # user errors (bad value, missing file or model, hub unreachable)
-        print(f"flipscope: error: {' '.join(str(err).split())}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # a rank that only relays another rank's error stays quiet
+            print(f"flipscope: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

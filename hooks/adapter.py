@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hooks.answer import AnswerIds, AnswerReduce, find_answer_ids
 from hooks.batch import Batch, build_batch, render_prompts
 from hooks.checkpoints import check_hf_format
+from hooks.devices import input_device
 from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, load_image
 from hooks.prompt import IMAGE_POSITIONS, PROMPT_MODES, ImagePosition, PromptMode, resolve_mode
 from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec
@@ -133,6 +134,7 @@ class VLMAdapter:
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
         local_files_only: bool | None = None,
@@ -141,7 +143,8 @@ class VLMAdapter:
         """Load a model and processor from a local folder or a hub id (e.g. ``google/medgemma-4b-it``).
 
         A local folder never touches the network. ``dtype`` defaults to the checkpoint's own
-        (bf16 for MedGemma); ``device_map="auto"`` shards a 27B model over GPUs. Eager attention is
+        (bf16 for MedGemma); ``device_map="auto"`` spreads a 27B model over GPUs, within ``max_memory``
+        per device if given (:mod:`hooks.devices`). Eager attention is
         the default so attention patterns can be read; pass ``"sdpa"`` for speed when you don't.
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -164,6 +167,8 @@ class VLMAdapter:
             kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if device_map is not None:
             kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model: Any = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
@@ -185,7 +190,8 @@ class VLMAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (the first device of a model spread over several)."""
+        return input_device(self.model)
 
     def describe(self, example_question: str | None = None) -> dict[str, Any]:
         """What produced a result: recorded with every run.

@@ -46,9 +46,17 @@ def nnsight_model(adapter: VLMAdapter) -> Any:
     """The adapter's model wrapped once by ``nnsight.NNsight`` (cached on the adapter)."""
     import nnsight
 
+    class Placed(nnsight.NNsight):
+        """nnsight moves inputs to the first parameter's device: ``meta`` for a model whose weights
+        accelerate offloads (:mod:`hooks.devices`); send them where the adapter sends them."""
+
+        @property
+        def device(self) -> Any:
+            return adapter.device
+
     cached = getattr(adapter, "_nnsight_model", None)
     if cached is None or cached[0] is not adapter.model:
-        cached = (adapter.model, nnsight.NNsight(adapter.model))
+        cached = (adapter.model, Placed(adapter.model))
         adapter._nnsight_model = cached  # type: ignore[attr-defined]
     return cached[1]
 

@@ -16,6 +16,7 @@ EXPORTS: dict[str, str] = {
     # interp.cache
     "ActivationCache": "cache",
     "cache_activations": "cache",
+    "merge_parts": "cache",
     # interp.patching
     "PatchingConfig": "patching",
     "PatchingResult": "patching",
@@ -119,7 +120,7 @@ if TYPE_CHECKING:
         upsample,
     )
     from interp.attribution import agreement, attribution_patching, rankdata, spearman
-    from interp.cache import ActivationCache, cache_activations
+    from interp.cache import ActivationCache, cache_activations, merge_parts
     from interp.crossmodel import cross_model_patching, patch_components
     from interp.figures import attention_overlay, patching_heatmap, recovery_line
     from interp.lens import LensResult, logit_lens

@@ -8,8 +8,15 @@ are real, :meth:`ActivationCache.mask` which entries belong to a class (``image`
 end of its prompt, ``-1`` = final position).
 
 Small runs live in memory (optionally offloaded with ``device="cpu"``); large runs stream to
-``out_dir`` as safetensors shards of ``shard_rows`` rows and are read back lazily, one site of one
-shard at a time (:meth:`ActivationCache.iter_shards`) or a whole site at once (``cache[site]``).
+``out_dir`` as shards of ``shard_rows`` rows, **one safetensors file per shard and site**
+(``shard_00000.resid_post_3.safetensors``) plus one per shard for the masks, offsets and margins
+(``shard_00000.index.safetensors``), listed in ``manifest.json``. They are read back lazily, one site of
+one shard at a time (:meth:`ActivationCache.iter_shards`) or a whole site at once (``cache[site]``).
+
+A run cached by several processes (``part="rank-0-of-2"``, ...: :mod:`analyses.eval.shard_cache`)
+writes each part into its own folder ``out_dir/<part>/`` with a ``part.json``; :func:`merge_parts`
+lists the parts in ``manifest.json``, and :meth:`ActivationCache.load` reads them as one dataset,
+rows in part order. Caches written before (one file per shard, ``cache.json``) still load.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ if TYPE_CHECKING:
 
 #: Classes whose per-entry membership masks every cache stores.
 MASK_CLASSES: tuple[str, ...] = ("image", "question", "final", "text")
-INDEX_FILE = "cache.json"
+MANIFEST_FILE, PART_FILE, LEGACY_INDEX_FILE = "manifest.json", "part.json", "cache.json"
+#: The file of a shard that holds the masks, offsets and margins (every other file holds one site).
+INDEX_KEY = "index"
 
 
 def normalize_positions(positions: str | Sequence[str]) -> tuple[str, ...]:
@@ -98,6 +107,7 @@ class ActivationCache:
         meta: dict[str, Any] | None = None,
         root: Path | None = None,
         device: str | torch.device = "cpu",
+        shards: list[dict[str, Any]] | None = None,
     ):
         self.sites = list(sites)
         self.positions = positions
@@ -105,20 +115,20 @@ class ActivationCache:
         self.root = root
         self.device = torch.device(device)
         self._tensors: dict[str, Tensor] = dict(tensors or {})
-        self._index: dict[str, Any] = {}
-        if root is not None:
-            self._index = json.loads((root / INDEX_FILE).read_text())
+        self._shards: list[dict[str, Any]] = list(shards or [])
+        if root is not None and shards is None:
+            self._shards = [s for part in _manifest(root)["parts"] for s in part["shards"]]
 
     # ------------------------------------------------------------------ reading
     @classmethod
     def load(cls, out_dir: str | Path, device: str | torch.device = "cpu") -> ActivationCache:
-        """Reopen a cache written with ``out_dir``; nothing is read until a site is asked for."""
-        root = Path(out_dir)
-        if not (root / INDEX_FILE).is_file():
-            raise FileNotFoundError(f"no activation cache in {root} (missing {INDEX_FILE})")
-        index = json.loads((root / INDEX_FILE).read_text())
-        sites = [parse_site(s) for s in index["sites"]]
-        return cls(sites, tuple(index["positions"]), meta=index["meta"], root=root, device=device)
+        """Reopen a cache written with ``out_dir`` (every part of it, as one dataset); nothing is read
+        until a site is asked for."""
+        manifest = _manifest(Path(out_dir))
+        sites = [parse_site(s) for s in manifest["sites"]]
+        return cls(
+            sites, tuple(manifest["positions"]), meta=manifest["meta"], root=Path(out_dir), device=device
+        )
 
     @property
     def on_disk(self) -> bool:
@@ -131,7 +141,7 @@ class ActivationCache:
 
     def __len__(self) -> int:
         if self.on_disk:
-            return sum(s["rows"] for s in self._index["shards"])
+            return sum(s["rows"] for s in self._shards)
         return int(self._tensors["__valid__"].shape[0])
 
     def __contains__(self, site: object) -> bool:
@@ -143,9 +153,11 @@ class ActivationCache:
             raise KeyError(f"{site} is not in this cache; cached sites: {[str(s) for s in self.sites]}")
         return str(site)
 
-    def _shard_paths(self) -> list[Path]:
+    def _shard_paths(self, key: str) -> list[Path]:
+        """The file holding ``key`` in every shard, in row order."""
         assert self.root is not None
-        return [self.root / s["file"] for s in self._index["shards"]]
+        group = INDEX_KEY if key.startswith("__") else key
+        return [self.root / s["files"][group] for s in self._shards]
 
     def _read(self, key: str) -> Tensor:
         if key in self._tensors:
@@ -153,7 +165,7 @@ class ActivationCache:
         if not self.on_disk:
             raise KeyError(key)
         parts = []
-        for path in self._shard_paths():
+        for path in self._shard_paths(key):
             with safe_open(str(path), framework="pt", device=str(self.device)) as f:
                 parts.append(f.get_tensor(key))
         value = _pad_cat(parts) if parts[0].ndim > 1 else torch.cat(parts)
@@ -173,7 +185,7 @@ class ActivationCache:
         if not self.on_disk:
             yield self[site]
             return
-        for path in self._shard_paths():
+        for path in self._shard_paths(key):
             with safe_open(str(path), framework="pt", device=str(self.device)) as f:
                 x = f.get_tensor(key)
             yield x[:, -1] if self.squeezed else x
@@ -209,17 +221,66 @@ class ActivationCache:
     def conditions(self) -> list[str]:
         return list(self.meta.get("conditions", []))
 
+    @property
+    def keys(self) -> list[str]:
+        """The id of every row (e.g. ``qid/condition``), where the writer gave them."""
+        return list(self.meta.get("keys", []))
+
     def __repr__(self) -> str:
         where = f"on disk at {self.root}" if self.on_disk else f"in memory on {self.device}"
         sites = [str(s) for s in self.sites]
         return f"ActivationCache({len(self)} rows, sites={sites}, positions={self.positions}, {where})"
 
 
-class _ShardWriter:
-    """Buffers compacted rows and writes ``shard_rows``-row safetensors shards."""
+def site_file_name(site: Site | str) -> str:
+    """``resid_post(3)`` -> ``resid_post_3``: the site's part of a shard's file name."""
+    return str(site).replace("(", "_").replace(")", "").rstrip("_")
 
-    def __init__(self, root: Path, shard_rows: int):
-        self.root, self.shard_rows = root, shard_rows
+
+def _manifest(root: Path) -> dict[str, Any]:
+    """``manifest.json`` of a cache folder, or a legacy ``cache.json`` (one file per shard) in its form."""
+    if (root / MANIFEST_FILE).is_file():
+        return dict(json.loads((root / MANIFEST_FILE).read_text()))
+    if (root / LEGACY_INDEX_FILE).is_file():
+        index = json.loads((root / LEGACY_INDEX_FILE).read_text())
+        groups = [INDEX_KEY, *index["sites"]]
+        shards = [{**s, "files": dict.fromkeys(groups, s["file"])} for s in index["shards"]]
+        return {**index, "parts": [{"name": "", "shards": shards}]}
+    raise FileNotFoundError(f"no activation cache in {root} (missing {MANIFEST_FILE})")
+
+
+def merge_parts(out_dir: str | Path, parts: Sequence[str]) -> Path:
+    """Write ``manifest.json`` listing the parts ``out_dir/<part>/part.json`` in this order (one dataset)."""
+    root = Path(out_dir)
+    found = []
+    for name in parts:
+        path = root / name / PART_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"cache part {name!r} is missing ({path}): was it written to completion?")
+        found.append(json.loads(path.read_text()))
+    if len({json.dumps([p["sites"], p["positions"]]) for p in found}) > 1:
+        raise ValueError(
+            f"cache parts {list(parts)} hold different sites or positions: they are not one cache"
+        )
+    meta = {k: [x for p in found for x in p["meta"].get(k, [])] for k in ("questions", "conditions", "keys")}
+    manifest = {
+        "format": 2,
+        "sites": found[0]["sites"],
+        "positions": found[0]["positions"],
+        "meta": {**found[0]["meta"], **meta},
+        "parts": [
+            {"name": name, "shards": p["parts"][0]["shards"]} for name, p in zip(parts, found, strict=True)
+        ],
+    }
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    return root / MANIFEST_FILE
+
+
+class _ShardWriter:
+    """Buffers compacted rows and writes ``shard_rows``-row shards: one safetensors file per site, one index."""
+
+    def __init__(self, root: Path, shard_rows: int, prefix: str = ""):
+        self.root, self.shard_rows, self.prefix = root, shard_rows, prefix
         self.pending: list[dict[str, Tensor]] = []
         self.n_pending = 0
         self.shards: list[dict[str, Any]] = []
@@ -239,9 +300,15 @@ class _ShardWriter:
         }
         head = {k: v[:rows].contiguous() for k, v in merged.items()}
         rest = {k: v[rows:] for k, v in merged.items()}
-        name = f"shard_{len(self.shards):05d}.safetensors"
-        save_file(head, str(self.root / name))
-        self.shards.append({"file": name, "rows": rows, "width": int(head["__valid__"].shape[1])})
+        stem = f"{self.prefix}shard_{len(self.shards):05d}"
+        groups: dict[str, dict[str, Tensor]] = {INDEX_KEY: {}}
+        for k, v in head.items():
+            groups.setdefault(INDEX_KEY if k.startswith("__") else k, {})[k] = v
+        files = {}
+        for group, tensors in groups.items():
+            files[group] = f"{stem}.{INDEX_KEY if group == INDEX_KEY else site_file_name(group)}.safetensors"
+            save_file(tensors, str(self.root / files[group]))
+        self.shards.append({"rows": rows, "width": int(head["__valid__"].shape[1]), "files": files})
         self.n_pending -= rows
         self.pending = [rest] if self.n_pending else []
 
@@ -261,14 +328,18 @@ def cache_activations(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool | None = None,
+    part: str | None = None,
+    keys: Sequence[str] | None = None,
 ) -> ActivationCache:
     """Run every batch once with read-only hooks on ``sites``; keep ``positions`` of each row.
 
     ``positions``: a class (``"final"``, ``"image"``, ``"question"``, ``"text"``), a list of them, or
     ``"all"``. ``device``: where in-memory activations live (``"cpu"`` offloads; default: the model's
     device). ``dtype``: storage dtype (default: the model's). ``out_dir``: stream to safetensors
-    shards of ``shard_rows`` rows instead of memory (the returned cache reads them lazily).
-    ``progress``: tqdm bar (default: on when there is more than one batch).
+    shards of ``shard_rows`` rows instead of memory (the returned cache reads them lazily), one file per
+    shard and site. ``part``: this process's part of a cache written by several (``out_dir/<part>/``,
+    listed by :func:`merge_parts`; the returned cache holds this part only). ``keys``: an id per row,
+    kept in the cache's meta. ``progress``: tqdm bar (default: on when there is more than one batch).
     """
     sites = list(dict.fromkeys(sites))
     if not sites:
@@ -282,6 +353,8 @@ def cache_activations(
         adapter.resolve(s)  # range check before any forward
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    if part is not None and (out_dir is None or not part or "/" in part or part.startswith(".")):
+        raise ValueError(f"part {part!r}: a part is a plain folder name (e.g. rank-0-of-2) and needs out_dir")
     pos = normalize_positions(positions)
     batches = [batch_or_batches] if isinstance(batch_or_batches, Batch) else batch_or_batches
     total = len(batches) if isinstance(batches, Sequence) else None
@@ -290,31 +363,34 @@ def cache_activations(
     root = Path(out_dir) if out_dir is not None else None
     writer = None
     if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        writer = _ShardWriter(root, shard_rows)
+        (root / (part or "")).mkdir(parents=True, exist_ok=True)
+        writer = _ShardWriter(root, shard_rows, f"{part}/" if part else "")
     parts: list[dict[str, Tensor]] = []
     questions: list[str] = []
     conditions: list[str] = []
     for batch in tqdm(batches, total=total, disable=not show, desc="caching activations"):
-        part = _run_batch(adapter, batch, sites, pos, torch.device("cpu") if writer else store, dtype)
+        rows = _run_batch(adapter, batch, sites, pos, torch.device("cpu") if writer else store, dtype)
         questions += batch.questions
         conditions += batch.conditions
         if writer is not None:
-            writer.add(part)
+            writer.add(rows)
         else:
-            parts.append(part)
-    meta = {"questions": questions, "conditions": conditions, "model": adapter.describe()}
+            parts.append(rows)
+    meta: dict[str, Any] = {"questions": questions, "conditions": conditions, "model": adapter.describe()}
+    if keys is not None:
+        if len(keys) != len(questions):
+            raise ValueError(f"{len(keys)} keys for {len(questions)} rows: pass one key per row")
+        meta["keys"] = list(keys)
     if writer is not None:
         assert root is not None
         writer.close()
-        index = {
-            "sites": [str(s) for s in sites],
-            "positions": list(pos),
-            "shards": writer.shards,
-            "meta": meta,
-        }
-        (root / INDEX_FILE).write_text(json.dumps(index, indent=1))
-        return ActivationCache.load(root, device="cpu" if device is None else device)
+        sites_pos = {"format": 2, "sites": [str(s) for s in sites], "positions": list(pos), "meta": meta}
+        manifest = {**sites_pos, "parts": [{"name": part or "", "shards": writer.shards}]}
+        where = root / part / PART_FILE if part else root / MANIFEST_FILE
+        where.write_text(json.dumps(manifest, indent=1))
+        return ActivationCache(
+            sites, pos, meta=meta, root=root, device="cpu" if device is None else device, shards=writer.shards
+        )
     if not parts:
         raise ValueError("no batches given")
     merged = {

@@ -31,6 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hooks.batch import Batch
+from hooks.devices import execution_devices
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -183,6 +184,12 @@ def capture_stack(adapter: VLMAdapter, batch: Batch, image_features: Tensor | No
     again through :func:`resume`'s path with a recording cache, and its margins are checked against
     the HF forward's (so a model this module does not understand fails loudly, not silently).
     """
+    spread = execution_devices(adapter.model)
+    if len(spread) > 1:  # records and indices would sit on one device, the layers on several
+        raise ResumeUnsupported(
+            f"the model is spread over {len(spread)} devices ({', '.join(sorted(map(str, spread)))}); the resumed "
+            "sweep needs the text stack on one device: use method='stack' (method='auto' does)"
+        )
     n = adapter.n_layers
     calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 

@@ -3,12 +3,15 @@ scores, figures."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from hooks.adapter import VLMAdapter
@@ -39,6 +42,7 @@ from interp import (
     sweep_reference,
     token_grids,
 )
+from interp.cache import _left_pad, merge_parts
 from interp.patching import capture
 from interp.stats import mean_bootstrap
 from tests.conftest import random_images
@@ -120,9 +124,16 @@ def test_cache_shards_on_disk(adapter: VLMAdapter, tmp_path: Path) -> None:
     sites = [resid_post(0), mlp_out(1)]
     mem = cache_activations(adapter, batches, sites, positions="all", device="cpu")
     disk = cache_activations(adapter, batches, sites, positions="all", out_dir=tmp_path, shard_rows=2)
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
-        f"shard_0000{i}.safetensors" for i in range(3)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [  # one file per shard and site
+        f"shard_0000{i}.{what}.safetensors"
+        for i in range(3)
+        for what in ("index", "mlp_out_1", "resid_post_0")
     ]
+    with safe_open(str(tmp_path / "shard_00001.mlp_out_1.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["mlp_out(1)"]
+        torch.testing.assert_close(
+            f.get_tensor("mlp_out(1)"), _left_pad(mem[sites[1]][2:4], f.get_tensor("mlp_out(1)").shape[1])
+        )
     reopened = ActivationCache.load(tmp_path)
     for cache in (disk, reopened):
         assert cache.on_disk and len(cache) == 5 and cache.positions == ("all",)
@@ -137,6 +148,49 @@ def test_cache_shards_on_disk(adapter: VLMAdapter, tmp_path: Path) -> None:
     assert mem.valid.sum(-1).tolist()[:3] == batches[0].attention_mask.sum(-1).tolist()
     with pytest.raises(FileNotFoundError, match="no activation cache"):
         ActivationCache.load(tmp_path / "nothing")
+
+
+def test_cache_parts_read_as_one_dataset(adapter: VLMAdapter, tmp_path: Path) -> None:
+    """Parts written separately (as ranks do) and listed by merge_parts read as the cache of all rows."""
+    imgs = random_images(5, size(adapter))
+    batches = [adapter.prepare(imgs[:3], [Q4, Q6, Q4]), adapter.prepare(imgs[3:], [Q6, Q4])]
+    sites = [resid_post(1)]
+    whole = cache_activations(adapter, batches, sites, positions="all", device="cpu")
+    keys = [f"row{i}" for i in range(5)]
+    for k, (batch, part_keys) in enumerate(zip(batches, (keys[:3], keys[3:]), strict=True)):
+        part = cache_activations(
+            adapter, [batch], sites, "all", tmp_path, shard_rows=2, part=f"rank-{k}-of-2", keys=part_keys
+        )
+        assert len(part) == len(batch) and (tmp_path / f"rank-{k}-of-2" / "part.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no activation cache"):
+        ActivationCache.load(tmp_path)  # no manifest until the parts are merged
+    with pytest.raises(FileNotFoundError, match="rank-2-of-2"):
+        merge_parts(tmp_path, ["rank-0-of-2", "rank-2-of-2"])
+    merge_parts(tmp_path, ["rank-0-of-2", "rank-1-of-2"])
+    one = ActivationCache.load(tmp_path)
+    assert len(one) == 5 and one.keys == keys and one.questions == whole.questions
+    torch.testing.assert_close(one[sites[0]], whole[sites[0]])
+    assert torch.equal(one.valid, whole.valid) and torch.equal(one.margins, whole.margins)
+    assert [x.shape[0] for x in one.iter_shards(sites[0])] == [2, 1, 2]
+    with pytest.raises(ValueError, match="one key per row"):
+        cache_activations(adapter, batches, sites, "all", tmp_path / "k", keys=keys[:2])
+
+
+def test_cache_written_before_manifests_still_loads(adapter: VLMAdapter, tmp_path: Path) -> None:
+    """The former layout: every site of a shard in one file, listed in cache.json."""
+    batch = adapter.prepare(random_images(2, size(adapter)), [Q4, Q6])
+    mem = cache_activations(adapter, batch, [resid_post(0)], "final", device="cpu")
+    tensors = {
+        "resid_post(0)": mem._tensors["resid_post(0)"],
+        **{k: v for k, v in mem._tensors.items() if k.startswith("__")},
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "shard_00000.safetensors"))
+    index = {"sites": ["resid_post(0)"], "positions": ["final"], "meta": mem.meta,
+             "shards": [{"file": "shard_00000.safetensors", "rows": 2, "width": 1}]}  # fmt: skip
+    (tmp_path / "cache.json").write_text(json.dumps(index))
+    old = ActivationCache.load(tmp_path)
+    assert len(old) == 2 and torch.equal(old[resid_post(0)], mem[resid_post(0)])
+    assert torch.equal(old.margins, mem.margins)
 
 
 def test_cache_errors(adapter: VLMAdapter) -> None:

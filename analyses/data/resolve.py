@@ -57,6 +57,8 @@ LAYOUTS: dict[str, str] = {
     "labels": "CheXpert label columns (Cardiomegaly, Pleural Effusion, ...) with Path or subject_id + study_id",
     "psf-med": "a question column (e.g. original_question) with paraphrase(s) and phenomenon columns",
 }
+#: ``load_kwargs`` of :func:`resolve_model` that also apply to a named (already loaded) model.
+PLACEMENT: tuple[str, ...] = ("device", "device_map", "max_memory", "dtype")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w./-]+)?$")
 
 
@@ -124,12 +126,20 @@ def check_n_images(n_images: int) -> int:
 def resolve_model(spec: str, **load_kwargs: Any) -> tuple[VLMAdapter, Path | None]:
     """``--model`` -> (adapter, local model folder or ``None`` for a hub model).
 
+    ``load_kwargs`` go to :meth:`~hooks.adapter.VLMAdapter.from_pretrained` (``device``, ``device_map``,
+    ``max_memory``, ``dtype``, ...); a named model is loaded first and then placed (:func:`hooks.devices.place`).
+
     A missing folder or an unreachable / unknown hub id is a ``FileNotFoundError`` of one line that
     names the value and the fix (``OSError`` from transformers never escapes as a traceback).
     """
     if spec in NAMED_MODELS:
         load: Callable[[], tuple[VLMAdapter, Path | None]] = _entry(NAMED_MODELS[spec])
-        return load()
+        adapter, folder = load()
+        if load_kwargs:  # device, device_map, max_memory, dtype: applied to the loaded model
+            from hooks.devices import place
+
+            place(adapter.model, **{k: v for k, v in load_kwargs.items() if k in PLACEMENT})
+        return adapter, folder
     from hooks.adapter import VLMAdapter
 
     path = Path(spec).expanduser()
@@ -298,3 +308,50 @@ def data_options(args: argparse.Namespace) -> DataOptions:
         metadata=getattr(args, "metadata", None),
         frontal_only=not getattr(args, "all_views", False),
     )
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Where a model is loaded, for every command that reads ``--model`` (big models over several GPUs)."""
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="spread the model over devices with accelerate: auto, balanced, balanced_low_0, sequential, "
+        "or a JSON file mapping module names to devices (default: one device)",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="load the weights in this dtype (default: the checkpoint's own)",
+    )
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`resolve_model` keyword arguments from :func:`add_model_arguments` (absent ones: defaults)."""
+    import json
+
+    from hooks.devices import DEVICE_MAP_STRATEGIES, parse_max_memory
+
+    device_map: Any = getattr(args, "device_map", None)
+    if device_map is not None and device_map not in DEVICE_MAP_STRATEGIES:
+        path = Path(device_map).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"--device-map {device_map!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file "
+                'mapping module names to devices (e.g. {"model.language_model.layers.0": 0, ...})'
+            )
+        device_map = json.loads(path.read_text())
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    if max_memory is not None and device_map is None:
+        raise ValueError("--max-memory applies to a model spread with --device-map: add --device-map auto")
+    out: dict[str, Any] = {
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "dtype": getattr(args, "dtype", None),
+    }
+    return {k: v for k, v in out.items() if v is not None}

@@ -23,7 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -36,6 +36,9 @@ from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_
 from hooks.adapter import VLMAdapter
 from hooks.features import ImageFeatureCache
 from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
+
+if TYPE_CHECKING:
+    from analyses.eval.shard import Part
 
 
 @dataclass(frozen=True)
@@ -102,14 +105,22 @@ class WorkItem(NamedTuple):
     image_id: str | None
 
 
-def plan(rows: Sequence[QuestionRow], cfg: EvalConfig, finished: set[tuple[str, str]]) -> list[WorkItem]:
+def plan(
+    rows: Sequence[QuestionRow],
+    cfg: EvalConfig,
+    finished: set[tuple[str, str]] | frozenset[tuple[str, str]],
+    only_images: frozenset[str] | None = None,
+) -> list[WorkItem]:
     """Every (row, condition) not yet finished, grouped by condition then image so batches share a layout.
 
-    Swap conditions without a valid partner (see :func:`swap_partners`) are left out.
+    Swap conditions without a valid partner (see :func:`swap_partners`) are left out. ``only_images``
+    keeps the rows of those images (a shard, :mod:`analyses.eval.shard`); partners are drawn over all rows.
     """
     partners = swap_partners(rows, cfg.seed)
     work: list[WorkItem] = []
     for r in rows:
+        if only_images is not None and r.image_id not in only_images:
+            continue
         for cond in cfg.conditions:
             if (r.qid, cond) in finished:
                 continue
@@ -204,6 +215,26 @@ def score(adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs) -
     return [prediction_record(w.row, w.condition, mi, w.image_id) for w, mi in zip(kept, m, strict=True)]
 
 
+def run_meta(
+    adapter: VLMAdapter,
+    rows: Sequence[QuestionRow],
+    images: ImageSource,
+    cfg: EvalConfig,
+    progress: bool = False,
+    image_hashes: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """What a run records in ``meta.json`` (``image_hashes``: the image fingerprints, if already computed)."""
+    return {
+        **adapter.describe(example_question=rows[0].question if rows else None),
+        "dataset_hash": dataset_hash(rows),
+        "n_rows": len(rows),
+        "removal": Removal(cfg.removal, seed=cfg.seed).label,
+        "eval_config": asdict(cfg),
+        "weights": weights_fingerprint(adapter),
+        "images": image_fingerprints(rows, images, progress) if image_hashes is None else image_hashes,
+    }
+
+
 def evaluate(
     adapter: VLMAdapter,
     rows: Sequence[QuestionRow],
@@ -215,32 +246,29 @@ def evaluate(
     *,
     skipped: Sequence[SkippedRow] = (),
     overwrite: bool = False,
+    part: Part | None = None,
 ) -> pd.DataFrame:
     """Run (or resume) an evaluation; returns the predictions table (one row per qid x condition).
 
     ``images(row_or_image_id)`` returns the PIL image; rows whose image cannot be loaded are left out
     (never silently scored) and listed in ``skipped.jsonl`` after ``skipped``, the rows the loader left
     out. A folder holding another run (other settings, weights or images) is refused unless
-    ``overwrite``, which starts it afresh. ``max_batches`` stops early (used to test resuming).
+    ``overwrite``, which starts it afresh. ``max_batches`` stops early (used to test resuming). ``part``:
+    this process's share of a sharded run (:func:`analyses.eval.shard.evaluate_sharded`).
     """
     if not rows:
         raise ValueError("no question rows to evaluate: the data source gave none for this split")
     cfg = config or EvalConfig()
     run = RunFolder(out_dir)
     removal = Removal(cfg.removal, seed=cfg.seed)
-    meta = {
-        **adapter.describe(example_question=rows[0].question if rows else None),
-        "dataset_hash": dataset_hash(rows),
-        "n_rows": len(rows),
-        "removal": removal.label,
-        "eval_config": asdict(cfg),
-        "weights": weights_fingerprint(adapter),
-        "images": image_fingerprints(rows, images, progress),
-    }
+    meta = run_meta(adapter, rows, images, cfg, progress) if part is None else part.meta
     run.start(meta, overwrite=overwrite)
     loaded = [p.record() for p in skipped]
     run.write_skipped(loaded)
-    work = plan(rows, cfg, run.finished())
+    if part is None:
+        work = plan(rows, cfg, run.finished())
+    else:
+        work = plan(rows, cfg, run.finished() | part.finished, part.images)
     inputs = ImageInputs(adapter, images, removal)
     bar = tqdm(total=len(work), desc="eval", disable=not progress, unit="q")
     with run.appender(cfg.flush_every) as out:

@@ -1,0 +1,126 @@
+"""Activation caches of a large run, written by every process of a launcher (``flipscope cache``).
+
+Each rank takes its images (:func:`analyses.eval.shard.split_images`, the split of the evaluator), runs
+their question rows under the chosen conditions through :func:`interp.cache.cache_activations` and
+writes its part ``<out>/rank-R-of-N/``: shards of ``shard_rows`` rows, one safetensors file per shard
+and site, and a ``part.json``. After every rank is done, rank 0 lists the parts in ``<out>/manifest.json``
+(:func:`interp.cache.merge_parts`); ``ActivationCache.load(out)`` then reads them as one dataset, rows
+in rank order, each named by its key ``qid/condition`` (:attr:`~interp.cache.ActivationCache.keys`).
+Rows whose image cannot be read are left out and listed in ``<out>/rank-R-of-N/skipped.json``.
+A cache is not resumed: a rerun writes its parts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from analyses.data.schema import ImageSource, QuestionRow
+from analyses.eval.shard import Dist, collectively, split_images
+from hooks.adapter import VLMAdapter
+from hooks.batch import Batch
+from hooks.inputs import Removal, RemovalKind, load_image
+from hooks.sites import Site
+from interp.cache import MANIFEST_FILE, ActivationCache, cache_activations, merge_parts
+
+#: Conditions a cache can hold: the row's own image, or the image removed.
+CACHE_CONDITIONS: tuple[str, ...] = ("image", "removed")
+
+
+def part_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank}-of-{world_size}"
+
+
+def _batches(
+    adapter: VLMAdapter,
+    rows: Sequence[QuestionRow],
+    images: ImageSource,
+    conditions: Sequence[str],
+    removal: Removal,
+    batch_size: int,
+    keys: list[str],
+    skipped: dict[str, str],
+) -> Iterator[Batch]:
+    """Batches of (row, condition) in row order; fills ``keys`` (``qid/condition``) and ``skipped`` as it goes."""
+    shown: list[Image.Image | None] = []
+    questions: list[str] = []
+    conds: list[str] = []
+    for r in rows:
+        try:
+            own = load_image(images(r))
+        except (OSError, ValueError, KeyError) as err:
+            skipped[r.qid] = f"{r.image_id}: {type(err).__name__}: {err}"
+            continue
+        for c in conditions:
+            shown.append(own if c == "image" else removal.apply(own, 0))
+            questions.append(r.question)
+            conds.append(c)
+            keys.append(f"{r.qid}/{c}")
+            if len(questions) == batch_size:
+                yield adapter.prepare(shown, questions, conds)
+                shown, questions, conds = [], [], []
+    if questions:
+        yield adapter.prepare(shown, questions, conds)
+
+
+def cache_run(
+    adapter: VLMAdapter,
+    rows: Sequence[QuestionRow],
+    images: ImageSource,
+    sites: Sequence[Site],
+    out_dir: Path | str,
+    *,
+    positions: str | Sequence[str] = "final",
+    conditions: Sequence[str] = ("image",),
+    removal: RemovalKind = "gray",
+    batch_size: int = 32,
+    shard_rows: int = 1024,
+    dist: Dist | None = None,
+    progress: bool = True,
+) -> ActivationCache | None:
+    """Cache this rank's rows into its part of ``out_dir``; rank 0 lists the parts (module docs).
+
+    Returns the whole cache on rank 0 and ``None`` on the other ranks.
+    """
+    bad = [c for c in conditions if c not in CACHE_CONDITIONS]
+    if bad or not conditions:
+        raise ValueError(f"cache conditions {list(conditions)}: choose from {', '.join(CACHE_CONDITIONS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dist = dist or Dist()
+    out = Path(out_dir)
+    mine = split_images(rows, dist.world_size)[dist.rank]
+    name = part_name(dist.rank, dist.world_size)
+    own = [r for r in rows if r.image_id in mine]
+
+    def write() -> None:
+        if dist.is_main:
+            (out / MANIFEST_FILE).unlink(missing_ok=True)  # the manifest is rewritten once every part is
+        shutil.rmtree(out / name, ignore_errors=True)
+        keys: list[str] = []
+        skipped: dict[str, str] = {}
+        batches = _batches(adapter, own, images, conditions, Removal(removal), batch_size, keys, skipped)
+        show = progress and dist.is_main
+        cache_activations(
+            adapter,
+            batches,
+            sites,
+            positions,
+            out,
+            shard_rows=shard_rows,
+            progress=show,
+            part=name,
+            keys=keys,
+        )
+        if skipped:
+            (out / name / "skipped.json").write_text(json.dumps(skipped, indent=1))
+
+    collectively(dist, write)
+    if not dist.is_main:
+        return None
+    merge_parts(out, [part_name(r, dist.world_size) for r in range(dist.world_size)])
+    return ActivationCache.load(out)
