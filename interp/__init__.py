@@ -79,9 +79,13 @@ EXPORTS: dict[str, str] = {
     "clamp_features": "sae_attr",
     "clamping": "sae_attr",
     "feature_attribution": "sae_attr",
+    "feature_contrast": "sae_attr",
     "feature_patch": "sae_attr",
     "flip_rate_change": "sae_attr",
     "top_features": "sae_attr",
+    # interp.sae_fake
+    "fake_gemma_scope_params": "sae_fake",
+    "write_fake_gemma_scope": "sae_fake",
     # interp.sae_train
     "SAETrainConfig": "sae_train",
     "SAETrainReport": "sae_train",
@@ -141,10 +145,12 @@ if TYPE_CHECKING:
         clamp_features,
         clamping,
         feature_attribution,
+        feature_contrast,
         feature_patch,
         flip_rate_change,
         top_features,
     )
+    from interp.sae_fake import fake_gemma_scope_params, write_fake_gemma_scope
     from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
     from interp.scores import LayerScores
     from interp.stack import ResumeUnsupported, StackState, capture_stack, resume

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -333,6 +333,39 @@ def top_features(
         n_pairs=len(sign),
     )
     return df
+
+
+def feature_contrast(
+    acts: Float[Tensor, "rows width"], in_group: Bool[Tensor, " rows"], eps: float = 1e-6
+) -> pd.DataFrame:
+    """How each feature separates a group of rows (e.g. register questions) from the rest, one row per
+    feature sorted by ``|d|``: mean activation in and out of the group, firing rates, the difference, the
+    ratio ``mean_in / mean_out`` (selectivity) and Cohen's ``d`` (difference over the pooled standard
+    deviation; ``d > 0``: more active in the group, so a feature the group switches *off* is kept with its
+    sign). Choose features on one split and score them on another."""
+    if acts.ndim != 2 or in_group.shape != acts.shape[:1]:
+        raise ValueError(f"acts {tuple(acts.shape)} must be (rows, width) and in_group (rows,)")
+    a, g = acts.float().cpu(), in_group.bool().cpu()
+    if g.all() or not g.any():
+        raise ValueError("in_group must mark some rows and leave some out")
+    x, y = a[g], a[~g]
+    diff = x.mean(0) - y.mean(0)
+    pooled = ((x.var(0, unbiased=False) + y.var(0, unbiased=False)) / 2).sqrt()
+    d = diff / pooled.clamp_min(eps)
+    table = pd.DataFrame(
+        {
+            "index": range(a.shape[1]),
+            "mean_in": x.mean(0).numpy(),
+            "mean_out": y.mean(0).numpy(),
+            "fire_in": (x > 0).float().mean(0).numpy(),
+            "fire_out": (y > 0).float().mean(0).numpy(),
+            "difference": diff.numpy(),
+            "selectivity": (x.mean(0) / y.mean(0).clamp_min(eps)).numpy(),
+            "cohens_d": d.numpy(),
+        }
+    )
+    order = sorted(range(len(table)), key=lambda i: (-abs(float(d[i])), i))
+    return table.iloc[order].reset_index(drop=True)
 
 
 @dataclass

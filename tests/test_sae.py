@@ -31,6 +31,8 @@ from interp import (
     train_sae,
 )
 from interp.patching import capture
+from interp.sae_fake import fake_gemma_scope_params, write_fake_gemma_scope
+from interp.sae_train import evaluate_sae
 from tests.conftest import random_images
 
 WIDTH = 32
@@ -58,12 +60,13 @@ def gemma_scope_params(d: int, seed: int = 0) -> dict[str, Tensor]:
 def write_gemma_scope(
     root: Path, layer: int, d: int, config: bool = True, kind: str = "resid_post", name: str = ""
 ) -> Path:
-    folder = root / "gemma-scope-2-tiny-it" / kind / (name or f"layer_{layer}_width_{WIDTH}_l0_medium")
-    folder.mkdir(parents=True)
-    save_file(gemma_scope_params(d, seed=layer), str(folder / "params.safetensors"))
-    if config:  # the keys of a real Gemma Scope 2 config.json
-        cfg = {"hf_hook_point_in": f"model.layers.{layer}.output", "model_name": "google/tiny-it", "l0": 7}
-        (folder / "config.json").write_text(json.dumps({**cfg, "width": WIDTH, "architecture": "jump_relu"}))
+    folder = write_fake_gemma_scope(
+        root, layer, gemma_scope_params(d, seed=layer), kind=kind, folder_name=name, config=config,
+        model_name="google/tiny-it",
+    )  # fmt: skip
+    if config:  # a real Gemma Scope 2 config.json also records the L0 it was trained to
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "l0": 7}))
     return folder
 
 
@@ -370,3 +373,34 @@ def test_flip_rate_change() -> None:
     assert (change.cluster_before, change.cluster_after) == (1.0, 0.5) and change.change == -0.25
     with pytest.raises(ValueError, match="at least one paraphrase"):
         flip_rate_change(before, after, [[0]])
+
+
+def test_fake_gemma_scope_fitted_to_activations(tmp_path: Path) -> None:
+    """The fitted fake fires about l0 features per input, reconstructs better than nothing, and loads as
+    the released layout says."""
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(1)) * 2 + 3
+    params = fake_gemma_scope_params(16, 256, seed=0, fit=x, l0=12)
+    folder = write_fake_gemma_scope(tmp_path, 3, params, release="gemma-scope-2-4b-it")
+    sae = load_sae(folder)
+    assert (sae.release, sae.width, sae.site) == ("gemma-scope-2-4b-it-res", 256, resid_post(3))
+    fvu, l0, _ = evaluate_sae(sae, x)
+    assert 6 <= l0 <= 24 and fvu < 1.0
+    with pytest.raises(ValueError, match="lacks"):
+        write_fake_gemma_scope(tmp_path, 3, {"w_enc": params["w_enc"]})
+    with pytest.raises(ValueError, match=r"\(n, 16\)"):
+        fake_gemma_scope_params(16, 256, fit=x[:, :8])
+
+
+def test_feature_contrast_by_hand() -> None:
+    from interp.sae_attr import feature_contrast
+
+    acts = torch.tensor([[2.0, 0.0, 1.0], [4.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.0, 1.0, 1.0]])
+    group = torch.tensor([True, True, False, False])
+    t = feature_contrast(acts, group).set_index("index")
+    assert list(feature_contrast(acts, group)["index"][:2]) == [0, 1]  # |d| = 3, then 2; feature 2: d = 0
+    assert t.loc[0, "mean_in"] == 3.0 and t.loc[0, "mean_out"] == 0.0 and t.loc[0, "fire_in"] == 1.0
+    assert t.loc[0, "cohens_d"] == pytest.approx(3.0 / ((1.0 + 0.0) / 2) ** 0.5)  # var_in = 1, var_out = 0
+    assert t.loc[1, "cohens_d"] == pytest.approx(-2.0 / ((0.0 + 1.0) / 2) ** 0.5)  # switched off: negative
+    assert t.loc[2, "cohens_d"] == 0.0 and t.loc[2, "selectivity"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="some rows"):
+        feature_contrast(acts, torch.ones(4, dtype=torch.bool))
