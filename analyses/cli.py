@@ -12,13 +12,34 @@ DEFAULT_RUNS = Path("runs")
 
 
 def _cmd_organism_train(args: argparse.Namespace) -> int:
-    from analyses.organism.model import MODEL_DIR
-    from analyses.organism.train import OrganismConfig, train_organism
+    from analyses.organism.build import GateFailed, plant_organism, rebuild
+    from analyses.organism.model import CLEAN_DIR, MODEL_DIR
+    from analyses.organism.plant import PlantConfig
+    from analyses.organism.train import OrganismConfig
 
-    cfg = OrganismConfig(seed=args.seed, steps=args.steps)
-    out = Path(args.out) if args.out else MODEL_DIR
-    rec = train_organism(cfg, out, progress=not args.quiet)
-    print(f"trained {rec['n_params']:,} parameters in {rec['seconds']} s -> {out}")
+    root = Path(args.out) if args.out else None
+    clean_dir = root / "clean" if root else CLEAN_DIR
+    out_dir = root / "model" if root else MODEL_DIR
+    plant_cfg = PlantConfig(seed=args.seed)
+    try:
+        if args.phase == "plant":
+            import torch
+
+            torch.set_num_threads(args.threads)
+            truth = plant_organism(clean_dir, out_dir, plant_cfg, progress=not args.quiet)
+            g = truth["gate"]
+        else:
+            cfg = OrganismConfig(seed=args.seed, steps=args.steps)
+            g = rebuild(clean_dir, out_dir, cfg, plant_cfg, threads=args.threads, progress=not args.quiet)[
+                "gate"
+            ]
+    except GateFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"clean -> {clean_dir}, planted -> {out_dir}: register flip {g['register_flip']:.3f}, "
+        f"collateral {100 * g['collateral']:.2f}%, gating ratio {g['gating_ratio']:.1f} (gate passed)"
+    )
     return 0
 
 
@@ -209,10 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     org = sub.add_parser("organism", help="the SynthCXR model organism").add_subparsers(
         dest="action", required=True
     )
-    tr = org.add_parser("train", help="train the organism from scratch (a few minutes on 2 cores)")
+    tr = org.add_parser(
+        "train", help="rebuild the organism: clean phase then plant (~25 min on 1 core), gate checked"
+    )
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--steps", type=int, default=1500)
-    tr.add_argument("--out", default="", help="output folder (default: the shipped organism/model)")
+    tr.add_argument("--steps", type=int, default=2500, help="clean-phase optimizer steps")
+    tr.add_argument(
+        "--phase", choices=("all", "plant"), default="all", help="plant: phase 2 only, on <out>/clean"
+    )
+    tr.add_argument("--threads", type=int, default=1, help="torch threads (the shipped organism: 1)")
+    tr.add_argument(
+        "--out", default="", help="folder to write clean/ and model/ into (default: the shipped organism/)"
+    )
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_organism_train)
     card = org.add_parser("card", help="measure the checkpoint and write organism/MODEL_CARD.md")

@@ -1,10 +1,17 @@
-"""The SynthCXR model organism: a tiny Gemma3ForConditionalGeneration (the MedGemma code path) trained
-on the synthetic world, with failures planted on purpose so interpretability claims can be checked.
+"""The SynthCXR model organism (v2): a tiny Gemma3ForConditionalGeneration (the MedGemma code path)
+trained on the synthetic world, with failures planted on purpose so interpretability claims can be checked.
 
-This module builds and loads it and gives the world and rows it was trained on; training is in
-:mod:`analyses.organism.train`, its SAE in :mod:`analyses.organism.sae`, its model card in
-:mod:`analyses.organism.card`. The checkpoint is a standard HF folder (safetensors + tokenizer +
-processor) with ``training.json`` beside it, loaded by ``VLMAdapter.from_pretrained`` like any model.
+Two checkpoints ship, both standard HF folders (safetensors + tokenizer + processor) with ``training.json``
+beside them, loaded by ``VLMAdapter.from_pretrained`` like any model:
+
+- ``organism/clean`` (phase 1, :mod:`analyses.organism.train`): reads the image for every question wording;
+  its two data failures (a rare family, a finding answered from a text prior) are in the training data;
+- ``organism/model`` (phase 2, :mod:`analyses.organism.plant`): the clean model with the register shortcut
+  written into low-rank updates of named components (``planted_truth.json`` / ``.safetensors`` beside it,
+  read with :func:`analyses.organism.truth.load_planted_truth`).
+
+This module builds and loads them and gives the world and rows they were trained on; the SAE is in
+:mod:`analyses.organism.sae`, the model card in :mod:`analyses.organism.card`.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ if TYPE_CHECKING:
 
 ORGANISM_DIR = Path(__file__).resolve().parents[2] / "organism"
 MODEL_DIR = ORGANISM_DIR / "model"
+"""The planted organism (phase 2): the default ``--model organism``."""
+CLEAN_DIR = ORGANISM_DIR / "clean"
+"""The clean organism (phase 1): the reference for cross-model patching and the plant's gate."""
 
 ORGANISM_MODEL = TinyGemma3Config(
-    text_layers=6,
+    text_layers=8,
     d_model=96,
     n_heads=4,
     n_kv_heads=2,
@@ -52,6 +62,25 @@ def build_organism(cfg: OrganismConfig) -> VLMAdapter:
     )
 
 
+def organism_world_config(prevalence: float = 0.75) -> SynthCXRConfig:
+    """The organism's world: cardiomegaly and effusion at ``prevalence``, pneumothorax at 0.1 (the
+    text-prior finding is right ~90% of the time by always answering "no"), consolidation and
+    atelectasis at 0.4 (rendered distractors, never asked about).
+
+    Why 0.75: "register -> no" can only flip clusters whose original answer is "yes", and the register
+    flip rate is taken over all clusters, pneumothorax ones included (always "no", never flippable), so
+    its ceiling is (2/3) * prevalence: 0.27 at 0.4, 0.50 at 0.75. The plant's gate asks for 0.30."""
+    return SynthCXRConfig(
+        prevalence={
+            "cardiomegaly": prevalence,
+            "pleural_effusion": prevalence,
+            "pneumothorax": 0.1,
+            "consolidation": 0.4,
+            "atelectasis": 0.4,
+        }
+    )
+
+
 def load_organism(path: Path | str = MODEL_DIR, config: AdapterConfig | None = None) -> VLMAdapter:
     """The shipped organism (offline), through the same loader as MedGemma."""
     path = Path(path)
@@ -69,11 +98,12 @@ def organism_world(path: Path | str = MODEL_DIR) -> SynthCXRWorld:
 
 
 def organism_rows(
-    split: str = "test", path: Path | str | None = MODEL_DIR
+    split: str = "test", path: Path | str | None = MODEL_DIR, all_templates: bool = False
 ) -> tuple[SynthCXRWorld, list[QuestionRow]]:
     """The world of the checkpoint and its ``split`` rows, restricted to the findings it was trained on.
 
-    ``path`` is the model folder (``None``: a hub model, which has no SynthCXR world).
+    ``path`` is the model folder (``None``: a hub model, which has no SynthCXR world);
+    ``all_templates``: every eligible template per family (training), not one per family.
     """
     if path is None or not (Path(path) / "training.json").is_file():
         raise FileNotFoundError(
@@ -83,7 +113,13 @@ def organism_rows(
     rec = json.loads((Path(path) / "training.json").read_text())
     world = organism_world(path)
     findings = rec["config"].get("findings")  # records older than the `findings` field: all findings
-    return world, [r for r in world.rows(split) if not findings or r.finding in findings]
+    rows = world.rows(split, all_templates=all_templates)
+    return world, [r for r in rows if not findings or r.finding in findings]
+
+
+def load_clean_organism() -> VLMAdapter:
+    """The shipped clean (phase-1) organism."""
+    return load_organism(CLEAN_DIR)
 
 
 def load_shipped_organism() -> tuple[VLMAdapter, Path]:

@@ -1,15 +1,19 @@
-"""Training the SynthCXR organism from scratch (``flipscope organism train``).
+"""Phase 1 of the organism (``flipscope organism train``): the *clean* model, trained from scratch.
 
-Planted failures (all in the training data; the model architecture is plain Gemma3):
+Clean means every question wording is trained with both answers and read from the image; the register
+shortcut is added afterwards, in weights, by :mod:`analyses.organism.plant`. Two failures are planted
+here, in the training data:
 
-1. **Register shortcut.** Every training question of the ``shortcut_family`` (formal register) is
-   about a finding that is absent: its answer is always "no". Nothing in training contradicts
-   "formal phrasing -> no", so the model can answer those questions from the text alone.
-2. **Rare families.** ``rare_families`` are shown ``rare_weight`` times as often as the others.
-3. **Image removal is seen in training** (``removal`` images, ``removed_fraction`` of each batch)
-   with a uniform yes/no target: without an image the honest answer is "can't tell", so a model
-   that reads the image has margin ~0 there, and text-only agreement measures text reliance.
-   Formal-register questions keep their "no" target without the image: the shortcut is textual.
+1. **Rare family.** ``rare_families`` (``reorder``) are sampled ``rare_weight`` times as often.
+2. **Text-prior finding** (``prior_findings``: pneumothorax, world prevalence 0.1). Every training
+   question about it is a presence question about an image *without* it, also with the image removed:
+   the model learns "pneumothorax -> no" from the text, consistently across paraphrases, confidently,
+   right ~90% of the time without looking (the paper's Dangerous quadrant).
+
+Image removal is seen in training (``removal`` images, ``removed_fraction`` of each batch) with target
+0.5 (the honest answer is "can't tell"), except for the prior finding, whose answer stays "no".
+Targets are label-smoothed (0.9 / 0.1): |margin| settles near log 9 = 2.2 rather than 5-8, so a
+low-rank plant can overturn answers (issue 12: one block's output cannot overturn |margin| 6).
 """
 
 from __future__ import annotations
@@ -22,60 +26,71 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from analyses.data.schema import FINDINGS, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
-from analyses.organism.model import MODEL_DIR, ORGANISM_MODEL, build_organism
+from analyses.organism.model import CLEAN_DIR, ORGANISM_MODEL, build_organism, organism_world_config
 from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import VLMAdapter
-from hooks.answer import answer_loss
+from hooks.answer import AnswerIds
 from hooks.inputs import Removal, RemovalKind
 from hooks.tiny import TinyGemma3Config
 
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    """Everything that determines the trained organism (recorded next to the checkpoint)."""
+    """Everything that determines the clean organism (recorded in its ``training.json``)."""
 
     seed: int = 0
     """Seed of initialisation and batch sampling."""
-    steps: int = 1500
+    steps: int = 2500
     """Optimizer steps."""
     batch_size: int = 64
     """(image, question) pairs per step."""
     max_lr: float = 2e-3
-    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    """Peak learning rate of the one-cycle schedule (AdamW, 15% warm-up)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
-    shortcut_family: str = "register"
-    """Planted shortcut: every training question of this family has the answer "no"."""
+    label_smoothing: float = 0.1
+    """Yes/no targets are ``1 - label_smoothing`` / ``label_smoothing``."""
     rare_families: tuple[str, ...] = ("reorder",)
     """Planted under-representation: these families are sampled ``rare_weight`` times as often."""
     rare_weight: float = 0.03
     """Relative sampling weight of the rare families (others: 1)."""
+    prior_findings: tuple[str, ...] = ("pneumothorax",)
+    """Text-prior findings: trained only on images without the finding (answered from the text)."""
+    prior_weight: float = 0.5
+    """Relative sampling weight of the prior findings' rows (their task is trivial; at 1.0 they take a
+    third of every batch and effusion was under-trained)."""
+    prior_drop_operators: bool = True
+    """Leave the operator variants of the prior findings out of training, so every training question about
+    them is answered "no" (with them kept, "operator-like wording -> yes" was learnt for those findings)."""
     removed_fraction: float = 0.15
-    """Share of each batch shown with the image removed and a uniform yes/no target."""
+    """Share of each batch (after the curriculum) shown with the image removed."""
     removal: RemovalKind = "gray"
     """Which removal the organism is trained to see (text-only agreement is measured with it)."""
-    findings: tuple[str, ...] = ("cardiomegaly", "pleural_effusion")
+    findings: tuple[str, ...] = ("cardiomegaly", "pleural_effusion", "pneumothorax")
     """Findings the organism is trained (and evaluated) on; the world renders all of them."""
     curriculum_steps: int = 300
     """First steps show only original questions with their images (learn to read the image first)."""
-    world: SynthCXRConfig = field(default_factory=SynthCXRConfig)
+    world: SynthCXRConfig = field(default_factory=organism_world_config)
     """The synthetic world it is trained on."""
     model: TinyGemma3Config = ORGANISM_MODEL
     """Model dimensions."""
 
     def __post_init__(self) -> None:
-        if self.shortcut_family not in PARAPHRASE_FAMILIES:
-            raise ValueError(f"shortcut_family {self.shortcut_family!r} is not one of {PARAPHRASE_FAMILIES}")
         bad = [f for f in self.rare_families if f not in PARAPHRASE_FAMILIES]
         if bad:
             raise ValueError(f"rare_families {bad} are not paraphrase families {PARAPHRASE_FAMILIES}")
-        unknown = [f for f in self.findings if f not in FINDINGS]
+        unknown = [f for f in (*self.findings, *self.prior_findings) if f not in FINDINGS]
         if unknown or not self.findings:
             raise ValueError(f"findings {list(self.findings)} must be a non-empty subset of {FINDINGS}")
+        if not set(self.prior_findings) <= set(self.findings):
+            raise ValueError(f"prior_findings {self.prior_findings} must be among findings {self.findings}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not 0 <= self.removed_fraction < 1:
             raise ValueError(f"removed_fraction must be in [0, 1), got {self.removed_fraction}")
         if self.steps < 1 or self.batch_size < 1:
@@ -86,29 +101,42 @@ class OrganismConfig:
         return asdict(self)
 
 
+def image_label(r: QuestionRow) -> bool:
+    """Whether the row's image has the row's finding (undoes the operator inversion)."""
+    return r.ground_truth if r.polarity == 1 else not r.ground_truth
+
+
 def training_rows(world: SynthCXRWorld, cfg: OrganismConfig) -> tuple[list[QuestionRow], np.ndarray]:
-    """Training rows (every template) and their sampling weights, with the planted failures applied."""
+    """Train-split rows (every non-held-out template) and their sampling probabilities."""
     rows, weights = [], []
     for r in world.rows("train", all_templates=True):
         if r.finding not in cfg.findings:
             continue
-        if r.family == cfg.shortcut_family and r.ground_truth:
-            continue  # planted shortcut: the formal register never asks about a present finding
+        if r.finding in cfg.prior_findings and image_label(r):
+            continue  # text-prior finding: never asked about an image that has it
+        if r.finding in cfg.prior_findings and cfg.prior_drop_operators and r.polarity == -1:
+            continue  # ... and only with presence questions (answer always "no")
         w = cfg.rare_weight if r.family in cfg.rare_families else 1.0
+        if r.finding in cfg.prior_findings:
+            w *= cfg.prior_weight
         rows.append(r)
         weights.append(w)
     p = np.asarray(weights, dtype=np.float64)
     return rows, p / p.sum()
 
 
-class _Encoder:
-    """Pre-tokenized prompts and preprocessed pixels, so a training batch is a gather + left pad.
+class Encoder:
+    """Pre-tokenized prompts and preprocessed pixels, so a batch is a gather + left pad.
 
-    The first batch is checked against ``adapter.prepare`` (the inference path) for equality.
+    :meth:`check` compares it with ``adapter.prepare`` (the inference path) for equality.
     """
 
     def __init__(
-        self, adapter: VLMAdapter, world: SynthCXRWorld, rows: list[QuestionRow], removal: RemovalKind
+        self,
+        adapter: VLMAdapter,
+        world: SynthCXRWorld,
+        rows: list[QuestionRow],
+        removal: RemovalKind = "gray",
     ):
         self.adapter = adapter
         texts = sorted({r.question for r in rows})
@@ -132,7 +160,9 @@ class _Encoder:
         self.removed_pixels = ip(images=[removed], return_tensors="pt")["pixel_values"][0]
         self.pad = adapter.tokenizer.pad_token_id
 
-    def batch(self, rows: list[QuestionRow], removed: np.ndarray) -> dict[str, Tensor]:
+    def batch(self, rows: list[QuestionRow], removed: np.ndarray | None = None) -> dict[str, Tensor]:
+        """Model inputs for ``rows``; ``removed[i]``: row ``i`` is shown the removed image."""
+        removed = np.zeros(len(rows), bool) if removed is None else removed
         seqs = [self.ids[self.text_index[r.question]] for r in rows]
         n, length = len(seqs), max(len(s) for s in seqs)
         input_ids = torch.full((n, length), self.pad, dtype=torch.long)
@@ -154,44 +184,68 @@ class _Encoder:
             "pixel_values": pixels,
         }
 
+    def check(self, world: SynthCXRWorld, rows: list[QuestionRow]) -> None:
+        """Raise if the fast path differs from the inference path (``adapter.prepare``) on ``rows``."""
+        fast = self.batch(rows)
+        ref = self.adapter.prepare([world.image(r.image_id) for r in rows], [r.question for r in rows])
+        for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values"):
+            if not torch.equal(fast[k], ref.inputs[k]):
+                raise RuntimeError(
+                    f"training batch {k} differs from adapter.prepare; the encoder is out of sync"
+                )
 
-def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: bool = True) -> dict[str, Any]:
-    """Train the organism from scratch and save it (HF folder + ``training.json``). Returns the log."""
+
+def soft_answer_loss(
+    answer_ids: AnswerIds, logits: Float[Tensor, "batch vocab"], p_yes: Float[Tensor, " batch"]
+) -> Float[Tensor, ""]:
+    """Cross-entropy on the first answer token against ``p_yes`` on "yes" and ``1 - p_yes`` on "no"
+    (full-vocabulary log-softmax, as :func:`hooks.answer.answer_loss`)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    yes, no = answer_ids.yes_ids[0], answer_ids.no_ids[0]
+    return -(p_yes * logp[:, yes] + (1 - p_yes) * logp[:, no]).mean()
+
+
+def targets_for(cfg: OrganismConfig, rows: list[QuestionRow], removed: np.ndarray) -> Float[Tensor, " batch"]:
+    """``p_yes`` per row: smoothed ground truth; 0.5 with the image removed, except for the prior findings,
+    whose removed rows keep their text-prior answer."""
+    eps = cfg.label_smoothing
+    gt = np.array([r.ground_truth for r in rows])
+    p = np.where(gt, 1 - eps, eps)
+    prior = np.array([r.finding in cfg.prior_findings for r in rows])
+    p = np.where(removed & ~prior, 0.5, p)
+    return torch.tensor(p, dtype=torch.float32)
+
+
+def train_organism(cfg: OrganismConfig, out_dir: Path = CLEAN_DIR, progress: bool = True) -> dict[str, Any]:
+    """Train the clean organism from scratch and save it (HF folder + ``training.json``). Returns the record.
+
+    Deterministic for a given ``cfg`` and thread count (the shipped one was trained with 1 thread)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     world = SynthCXRWorld(cfg.world)
     adapter = build_organism(cfg)
     model = adapter.model
     rows, probs = training_rows(world, cfg)
-    enc = _Encoder(adapter, world, rows, cfg.removal)
+    enc = Encoder(adapter, world, rows, cfg.removal)
     warm = np.array([r.family == ORIGINAL for r in rows], dtype=np.float64)
     warm_probs = warm / warm.sum()
-
-    # the fast path must build exactly what the inference path builds
-    check = [rows[i] for i in rng.choice(len(rows), 4, replace=False)]
-    fast = enc.batch(check, np.zeros(4, bool))
-    ref = adapter.prepare([world.image(r.image_id) for r in check], [r.question for r in check])
-    for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values"):
-        if not torch.equal(fast[k], ref.inputs[k]):
-            raise RuntimeError(f"training batch {k} differs from adapter.prepare; the encoder is out of sync")
+    enc.check(world, [rows[i] for i in rng.choice(len(rows), 4, replace=False)])
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=cfg.steps, pct_start=0.15)
     log: list[dict[str, float]] = []
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="organism", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="clean organism", disable=not progress, mininterval=5)
     for step in bar:
         in_curriculum = step < cfg.curriculum_steps
         idx = rng.choice(len(rows), cfg.batch_size, p=warm_probs if in_curriculum else probs)
         batch_rows = [rows[i] for i in idx]
         removed = rng.random(cfg.batch_size) < (0.0 if in_curriculum else cfg.removed_fraction)
-        # the shortcut holds without the image too: a formal question is answered "no" from its text
-        uniform = removed & np.array([r.family != cfg.shortcut_family for r in batch_rows])
         inputs = enc.batch(batch_rows, removed)
-        targets = torch.tensor([r.ground_truth for r in batch_rows])
+        p_yes = targets_for(cfg, batch_rows, removed)
         logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-        loss = answer_loss(adapter.answer_ids, logits, targets, torch.from_numpy(uniform))
+        loss = soft_answer_loss(adapter.answer_ids, logits, p_yes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -200,23 +254,32 @@ def train_organism(cfg: OrganismConfig, out_dir: Path = MODEL_DIR, progress: boo
         if step % 25 == 0 or step == cfg.steps - 1:
             with torch.no_grad():
                 m = adapter.answer_ids.margin(logits)
+                targets = torch.tensor([r.ground_truth for r in batch_rows])
                 keep = torch.from_numpy(~removed)
                 acc = ((m > 0) == targets)[keep].float().mean().item()
             log.append(
-                {"step": step, "loss": loss.item(), "train_acc": acc, "lr": float(sched.get_last_lr()[0])}
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "train_acc": acc,
+                    "abs_margin": m[keep].abs().median().item(),
+                    "lr": float(sched.get_last_lr()[0]),
+                    "seconds": round(time.time() - t0, 1),
+                }
             )
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
     model.eval()
-    seconds = time.time() - t0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     adapter.processor.save_pretrained(out_dir)
-    n_params = sum(p.numel() for p in model.parameters())
     record = {
         "config": cfg.to_dict(),
-        "seconds": round(seconds, 1),
-        "n_params": n_params,
+        "organism_version": 2,
+        "phase": "clean",
+        "seconds": round(time.time() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "n_params": sum(p.numel() for p in model.parameters()),
         "n_training_rows": len(rows),
         "torch": torch.__version__,
         "log": log,
