@@ -32,7 +32,12 @@ def test_eval_writes_predictions_summary_and_report(
     printed = capsys.readouterr().out
     assert "flip rate by family" in printed and "register" in printed
     lines = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * 2 * 8 * 4  # images x findings x rows per finding x conditions
+    from analyses.data.schema import first_images
+    from analyses.eval.evaluate import EvalConfig, plan
+    from analyses.organism.model import organism_rows
+
+    planned = plan(first_images(organism_rows("test")[1], 2), EvalConfig(), frozenset())
+    assert len(lines) == len(planned)  # every (row, condition), swaps only where a partner exists
     summary = json.loads((out / "summary.json").read_text())
     assert summary["choices"]["rule"]["reliance"] == "margin_shift"
     assert summary["run"]["removal"] == "removed:gray"

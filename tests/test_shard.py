@@ -26,6 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 4
 ARGS = ["--n-images", str(N_IMAGES), "--batch-size", "16", "--n-boot", "20", "--quiet"]
 
+
+def _rows() -> list:  # type: ignore[type-arg]
+    """The test rows of the first N_IMAGES images (what ``--n-images`` selects)."""
+    from analyses.data.schema import first_images
+    from analyses.organism.model import organism_rows
+
+    return first_images(organism_rows("test")[1], N_IMAGES)
+
+
+def _planned() -> list:  # type: ignore[type-arg]
+    """Every (row, condition) the evaluator plans for them (swap conditions only where a partner exists)."""
+    from analyses.eval.evaluate import EvalConfig, plan
+
+    return plan(_rows(), EvalConfig(), frozenset())
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -126,7 +142,7 @@ def test_torchrun_two_processes_match_one_and_resume_after_a_kill(tmp_path: Path
     ref = tmp_path / "single"
     assert main(["eval", *ARGS, "--out", str(ref)]) == 0
     n = len(read_predictions(ref / "predictions.jsonl"))
-    assert n == N_IMAGES * 16 * 4  # images x rows per image x conditions
+    assert n == len(_planned())  # every (row, condition) with a swap partner
 
     two = tmp_path / "two"
     done = _torchrun(["eval", *ARGS, "--out", str(two)])
@@ -173,7 +189,7 @@ def test_a_shard_of_another_run_is_refused_and_overwrite_clears_shards(
     assert "without meta.json" in capsys.readouterr().err
     assert main(["eval", *ARGS, "--out", str(out), "--overwrite"]) == 0
     assert not (out / "shards").exists()
-    assert len(read_predictions(out / "predictions.jsonl")) == N_IMAGES * 16 * 4
+    assert len(read_predictions(out / "predictions.jsonl")) == len(_planned())
 
 
 @pytest.mark.slow
@@ -189,7 +205,7 @@ def test_torchrun_cache_parts_read_as_the_single_process_cache(tmp_path: Path) -
     assert all(p["shards"] for p in parts)
     files = sorted(f.name for f in (tmp_path / "two" / "rank-1-of-2").glob("shard_00000.*"))
     assert files == [f"shard_00000.{x}.safetensors" for x in ("index", "mlp_out_2", "resid_post_3")]
-    assert len(one) == len(two) == N_IMAGES * 16 * 2 and sorted(one.keys) == sorted(two.keys)
+    assert len(one) == len(two) == 2 * len(_rows()) and sorted(one.keys) == sorted(two.keys)
     at = {k: i for i, k in enumerate(two.keys)}
     order = [at[k] for k in one.keys]  # the rows of `two` in the order of `one`
     assert torch.equal(two.margins[order], one.margins)
