@@ -69,6 +69,7 @@ EXPORTS: dict[str, str] = {
     "patching_heatmap": "figures",
     "recovery_line": "figures",
     # interp.stats
+    "compare_intervals": "stats",
     "interval_relation": "stats",
     "mean_bootstrap": "stats",
     "mean_ci_by": "stats",
@@ -172,4 +173,4 @@ if TYPE_CHECKING:
         site_ranking,
     )
     from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
-    from interp.stats import interval_relation, mean_bootstrap, mean_ci_by, ratio_bootstrap
+    from interp.stats import compare_intervals, interval_relation, mean_bootstrap, mean_ci_by, ratio_bootstrap

@@ -123,3 +123,17 @@ def interval_relation(a: tuple[float, float], b: tuple[float, float]) -> str:
     if a_hi < b_lo:
         return "below"
     return "overlap"
+
+
+def compare_intervals(table: pd.DataFrame, level: str, a: object, b: object) -> pd.Series:
+    """:func:`interval_relation` of group ``a`` vs group ``b`` of index level ``level`` of a table with
+    ``low`` / ``high`` columns (e.g. :func:`mean_ci_by`), for every combination of the other index levels."""
+    if level not in (table.index.names or []):
+        raise ValueError(f"index level {level!r} not in the table (levels {list(table.index.names)})")
+    ta, tb = table.xs(a, level=level), table.xs(b, level=level)
+    keys = ta.index.intersection(tb.index)
+    out = [
+        interval_relation((ta.loc[k, "low"], ta.loc[k, "high"]), (tb.loc[k, "low"], tb.loc[k, "high"]))
+        for k in keys
+    ]
+    return pd.Series(out, index=keys, name=f"{a} vs {b}", dtype=object)

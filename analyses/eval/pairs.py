@@ -163,3 +163,49 @@ def flip_pairs_from_rows(
             f"ground_truth={ground_truth!r}; pass rows that hold both the originals and their paraphrases"
         )
     return score_pairs(adapter, pairs, images, batch_size)
+
+
+def pair_attention_in_box(
+    adapter: VLMAdapter,
+    scored: ScoredPairs,
+    images: ImageSource,
+    boxes: pd.DataFrame,
+    image_size: int | tuple[int, int],
+    exclude_findings: Sequence[str] = (),
+    per_group: int | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Attention-in-box (:func:`interp.attention.attention_in_box`) of the paraphrase run of flip and
+    consistent pairs, one row per pair, with the finding's box on the pair's image.
+
+    ``exclude_findings``: findings left out (e.g. a finding answered from a text prior: it never flips,
+    so it would only sit in the consistent group); ``per_group``: at most this many flip and this many
+    consistent pairs, in order. Pairs without a box for their finding get NaN coverage / precision.
+    Columns: those of ``attention_in_box`` plus qid (the paraphrase's), finding, flip.
+    """
+    from analyses.data.boxes import boxes_for
+    from interp.attention import attention_in_box
+
+    chosen: list[tuple[Pair, bool]] = []
+    taken = {True: 0, False: 0}
+    for pair, flip in zip(scored.pairs, scored.flipped.tolist(), strict=True):
+        if pair.paraphrase.finding in exclude_findings or (
+            per_group is not None and taken[flip] >= per_group
+        ):
+            continue
+        chosen.append((pair, flip))
+        taken[flip] += 1
+    if not chosen:
+        raise ValueError(f"no pairs left after excluding findings {list(exclude_findings)}")
+    parts = []
+    for i in range(0, len(chosen), batch_size):
+        block = chosen[i : i + batch_size]
+        para = [p.paraphrase for p, _ in block]
+        batch = adapter.prepare([images(p.original) for p, _ in block], [r.question for r in para])
+        found = [boxes_for(r.image_id, boxes, r.finding) for r in para]
+        att = attention_in_box(adapter, batch, [b[0] if b else None for b in found], image_size)
+        parts.append(att.assign(qid=[r.qid for r in para], finding=[r.finding for r in para],
+                                flip=[f for _, f in block]))  # fmt: skip
+    out = pd.concat(parts, ignore_index=True)
+    out["row"] = range(len(out))
+    return out
