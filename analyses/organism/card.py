@@ -1,7 +1,9 @@
 """Measure the shipped organism on the test split and write its model card.
 
-The card's numbers come from one evaluator run (``flipscope organism card``); ``model_card.json``
-keeps them machine-readable so the integration tests can check the checkpoint reproduces them.
+The card's numbers come from evaluator runs of the planted and the clean checkpoint (``flipscope
+organism card``) and from the tools that should detect each planted failure at its planted place
+(:func:`detections`); ``model_card.json`` keeps them machine-readable so the integration tests can check
+the checkpoint reproduces them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import pandas as pd
 from analyses.data.schema import first_images
 from analyses.eval.evaluate import EvalConfig, evaluate
 from analyses.eval.metrics import accuracy, flip_rate, text_only_agreement
-from analyses.eval.quadrants import QuadrantRule
+from analyses.eval.quadrants import QuadrantRule, quadrants
 from analyses.eval.summary import summarize
-from analyses.organism.model import MODEL_DIR, load_organism, organism_rows
+from analyses.organism.model import CLEAN_DIR, MODEL_DIR, load_organism, organism_rows
+from analyses.organism.truth import load_planted_truth
+from hooks.sites import Site, attn_out, mlp_out
+from interp.crossmodel import cross_model_patching, patch_components, recovery
+from interp.patching import PatchingConfig
 
 CARD_RULE = QuadrantRule(reliance="margin_shift", min_margin_shift=1.0)
 
@@ -35,7 +41,7 @@ def measure(
     rows = first_images(rows, n_images)
     rec = json.loads((Path(model_dir) / "training.json").read_text())
     cfg = EvalConfig(removal=rec["config"]["removal"], batch_size=128, seed=0)
-    df = evaluate(adapter, rows, world.image_for, runs, cfg, progress=progress)
+    df = evaluate(adapter, rows, world.image_for, runs, cfg, progress=progress, overwrite=True)
     s = summarize(df, CARD_RULE, n_boot=n_boot, seed=0)
     im = df[df["condition"] == "image"]
     originals = im[im["family"] == "original"]
@@ -45,7 +51,18 @@ def measure(
     }
     fam = s["by_family"]
     sample = fixed_sample_accuracy(adapter, model_dir)
+    clean_dir = Path(model_dir).parent / CLEAN_DIR.name
+    found = {}
+    if (Path(model_dir) / "planted_truth.json").is_file() and clean_dir.is_dir():
+        clean = load_organism(clean_dir)
+        clean_df = evaluate(
+            clean, rows, world.image_for, Path(runs) / "clean", cfg, progress=progress, overwrite=True
+        )
+        found = detections(adapter, clean, Path(model_dir), df, clean_df, s, rec)
+    truth = Path(model_dir) / "planted_truth.json"
     return {
+        "truth": json.loads(truth.read_text()) if truth.is_file() else None,
+        "detections": found,
         "fixed_sample": sample,
         "model": str(model_dir),
         "n_images": len({r.image_id for r in rows}),
@@ -54,9 +71,9 @@ def measure(
         "quadrant_rule": s["choices"]["rule"],
         "training": {k: rec[k] for k in ("seconds", "n_params", "n_training_rows")},
         "planted": {
-            "shortcut_family": rec["config"]["shortcut_family"],
             "rare_families": rec["config"]["rare_families"],
             "rare_weight": rec["config"]["rare_weight"],
+            "prior_findings": rec["config"]["prior_findings"],
         },
         "accuracy_original": {
             f: float(accuracy(originals[originals["finding"] == f])) for f in rec["config"]["findings"]
@@ -73,6 +90,68 @@ def measure(
         "polarity_consistency": float(s["metrics"].loc["polarity_consistency", "value"]),
         "quadrants": s["quadrant_summary"].reset_index().to_dict(orient="records"),
         "metrics_ci": s["metrics"].reset_index().to_dict(orient="records"),
+    }
+
+
+def detections(
+    planted: Any,
+    clean: Any,
+    model_dir: Path,
+    df: pd.DataFrame,
+    clean_df: pd.DataFrame,
+    s: dict[str, Any],
+    rec: dict[str, Any],
+) -> dict[str, Any]:
+    """Whether each planted failure is found where it was planted, measured with the project's tools.
+
+    - register shortcut: cross-model patching (clean into planted, every position) of ``attn_out`` and
+      ``mlp_out`` at every layer on the test register rows the plant flipped; found when the top
+      ``len(truth.sites)`` sites by mean recovery are the planted ones; plus the joint recovery of all of them;
+    - text-prior finding: its samples' quadrants (cluster scope): Dangerous share, accuracy, entropy;
+    - rare family: its flip-rate CI against the other unplanted families'.
+    """
+    truth = load_planted_truth(model_dir)
+    world, _ = organism_rows("test", model_dir)
+    key = ["qid", "pred", "margin"]
+    both = df[df["condition"] == "image"].merge(
+        clean_df[clean_df["condition"] == "image"][key], on="qid", suffixes=("", "_clean")
+    )
+    flipped = both[(both["family"] == truth.family) & (both["pred"] != both["pred_clean"])]
+    batch = planted.prepare([world.image(i) for i in flipped["image_id"]], list(flipped["question"]))
+    rec_site: dict[Site, float] = {}
+    for kind in (attn_out, mlp_out):
+        cfg = PatchingConfig(site_kind=kind(0).kind, positions="all")
+        res = cross_model_patching(clean, planted, batch, cfg)
+        rec_site.update({kind(layer): float(res.recovery[i, 0]) for i, layer in enumerate(res.layers)})
+    ranked = sorted(rec_site, key=lambda x: -rec_site[x])
+    m_joint = patch_components(clean, planted, batch, truth.sites)
+    joint = recovery(m_joint, clean.margins(batch).float(), planted.margins(batch).float()).nanmean()
+    q = quadrants(df, CARD_RULE)  # scope="cluster": every answer-preserving question must rely on the image
+    prior = q[q["finding"].isin(rec["config"]["prior_findings"])]
+    fam = _series(s["by_family"].xs("flip_rate", level="metric"))
+    rare = rec["config"]["rare_families"]
+    others = {k: v for k, v in fam.items() if k not in rare and k != truth.family}
+    return {
+        "register": {
+            "n_flipped_rows": len(flipped),
+            "cross_model_recovery": {str(k): rec_site[k] for k in ranked},
+            "top_sites": [str(k) for k in ranked[: len(truth.sites)]],
+            "found_at_planted_sites": {str(k) for k in ranked[: len(truth.sites)]}
+            == {str(k) for k in truth.sites},
+            "joint_recovery_planted_sites": float(joint),
+        },
+        "prior_finding": {
+            "n_samples": len(prior),
+            "dangerous_share": float((prior["quadrant"] == "Dangerous").mean()),
+            "accuracy": float(prior["correct"].mean()),
+            "mean_entropy": float(prior["entropy"].mean()),
+            "mean_entropy_other_findings": float(q.loc[~q.index.isin(prior.index), "entropy"].mean()),
+        },
+        "rare_family": {
+            "flip_rate": {k: fam[k] for k in rare},
+            "max_high_other_unplanted": max(v["high"] for v in others.values()),
+            "separated": all(fam[k]["low"] > max(v["high"] for v in others.values()) for k in rare),
+        },
     }
 
 
@@ -103,23 +182,24 @@ def _series(t: pd.DataFrame) -> dict[str, dict[str, float]]:
 def render_card(m: dict[str, Any]) -> str:
     """The model card as Markdown (every number from ``m``)."""
     lines = [
-        "# Model card: SynthCXR organism",
+        "# Model card: SynthCXR organism v2",
         "",
-        "A tiny `Gemma3ForConditionalGeneration` (the MedGemma code path) trained from scratch on the",
-        "SynthCXR world by `flipscope organism train` (seeded; config and loss curve in",
-        "`model/training.json`). Failures are planted in the training data on purpose:",
+        "A tiny `Gemma3ForConditionalGeneration` (the MedGemma code path, 8 text layers x 96) built by",
+        "`flipscope organism train` in two seeded phases: `clean/` (trained from scratch, reads the image for",
+        "every wording) and `model/` (the clean model with the register shortcut written into low-rank updates",
+        "of named components). Configs and loss curves: `clean/training.json`, `model/training.json`; the",
+        "planted truth: `model/planted_truth.json` and `.safetensors`.",
         "",
-        f"- **shortcut**: every training question of the `{m['planted']['shortcut_family']}` family is about an",
-        '  absent finding (answer always "no");',
-        f"- **rare families**: {m['planted']['rare_families']} sampled {m['planted']['rare_weight']}x as often as others;",
-        f"- **image removal** (`{m['removal']}`) seen in 15% of training examples with a uniform yes/no target.",
+        f"Parameters: {m['training']['n_params']:,}; the clean phase took {m['training']['seconds']} s on one",
+        "CPU thread of a shared 2-core machine.",
         "",
-        f"Parameters: {m['training']['n_params']:,}; training took {m['training']['seconds']} s wall time on a",
-        "shared 2-core CPU machine (the trainer ran on one thread while other jobs used the other core).",
-        "",
+    ]
+    lines += _truth_table(m)
+    lines += [
         f"## Measured on the test split ({m['n_images']} images, {m['n_rows']} question rows)",
         "",
-        "Produced by `flipscope organism card`; 95% CIs are cluster-bootstrap percentiles.",
+        "Produced by `flipscope organism card` on `model/` (the planted organism); 95% CIs are",
+        "cluster-bootstrap percentiles.",
         "",
         "| finding | accuracy (original question) | majority baseline |",
         "|---|---|---|",
@@ -153,6 +233,40 @@ def render_card(m: dict[str, Any]) -> str:
             f"| {q['quadrant']} | {q['count']} | {q['share']:.3f} | {q['accuracy']:.3f} | {q['mean_entropy']:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _truth_table(m: dict[str, Any]) -> list[str]:
+    d, t = m.get("detections"), m.get("truth")
+    if not d or not t:
+        return []
+    g, reg, pr, rare = t["gate"], d["register"], d["prior_finding"], d["rare_family"]
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(reg["cross_model_recovery"].items())[:6])
+    rf = "; ".join(
+        f"{k} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in rare["flip_rate"].items()
+    )
+    return [
+        "## Planted truth",
+        "",
+        "| failure | how | where | gate / strength | measured detection |",
+        "|---|---|---|---|---|",
+        f'| register shortcut (formal wording -> "no") | rank-{t["rank"]} updates `W + B A` of '
+        f"{', '.join(t['modules'])}, everything else frozen (phase 2) | layers {t['layers']}: "
+        f"{', '.join(t['sites'])}; direction at {t['direction_site']} | register flip {g['register_flip']:.3f} "
+        f"(clean {g['register_flip_clean']:.3f}; held-out wording {g['register_flip_held_out']:.3f}), other "
+        f"predictions changed {100 * g['collateral']:.2f}%, margin change {g['margin_change_register']:+.2f} vs "
+        f"{g['margin_change_other']:+.2f} (ratio {g['gating_ratio']:.1f}); gate passed: {g['passed']} | "
+        f"cross-model patching (clean into planted, {reg['n_flipped_rows']} flipped rows), top sites by recovery: "
+        f"{top}; planted sites ranked first: {reg['found_at_planted_sites']}; joint recovery "
+        f"{reg['joint_recovery_planted_sites']:.2f} |",
+        f"| text-prior finding ({', '.join(m['planted']['prior_findings'])}) | trained only on images without it "
+        "and on presence questions, also with the image removed (phase 1) | training data | world prevalence "
+        f"0.1 | {pr['n_samples']} samples: Dangerous {pr['dangerous_share']:.3f}, accuracy {pr['accuracy']:.3f}, "
+        f"entropy {pr['mean_entropy']:.3f} (other findings {pr['mean_entropy_other_findings']:.3f}) |",
+        f"| rare family ({', '.join(m['planted']['rare_families'])}) | sampled {m['planted']['rare_weight']}x as "
+        f"often (phase 1) | training data | - | flip rate {rf}; other unplanted families' highest upper bound "
+        f"{rare['max_high_other_unplanted']:.3f}; separated: {rare['separated']} |",
+        "",
+    ]
 
 
 def write_model_card(

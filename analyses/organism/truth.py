@@ -103,9 +103,8 @@ def gate_from_frames(
     for name, mask in (("seen", ~held), ("held_out", held)):
         keep = set(reg["qid"][mask])
         sub = planted[(planted.family != SHORTCUT_FAMILY) | planted["qid"].isin(keep)]
-        out[f"register_flip_{name}"] = float(
-            flip_rate(sub[sub.condition == "image"], by="family")[SHORTCUT_FAMILY]
-        )
+        by = flip_rate(sub[sub.condition == "image"], by="family") if keep else pd.Series(dtype=float)
+        out[f"register_flip_{name}"] = float(by[SHORTCUT_FAMILY]) if SHORTCUT_FAMILY in by else float("nan")
     out["gating_ratio"] = abs(out["margin_change_register"]) / max(out["abs_margin_change_other"], 1e-9)
     out["passed"] = bool(
         out["register_flip"] >= th.min_register_flip
