@@ -53,7 +53,14 @@ EXPORTS: dict[str, str] = {
     "token_grids": "attention",
     "upsample": "attention",
     # interp.scores
+    "COMPONENT_KINDS": "scores",
     "LayerScores": "scores",
+    "component_sweep": "scores",
+    "flagged_site": "scores",
+    "load_flagged": "scores",
+    "save_flagged": "scores",
+    "ranked_above": "scores",
+    "site_ranking": "scores",
     # interp.crossmodel
     "cross_model_patching": "crossmodel",
     "patch_components": "crossmodel",
@@ -62,7 +69,10 @@ EXPORTS: dict[str, str] = {
     "patching_heatmap": "figures",
     "recovery_line": "figures",
     # interp.stats
+    "compare_intervals": "stats",
+    "interval_relation": "stats",
     "mean_bootstrap": "stats",
+    "mean_ci_by": "stats",
     "ratio_bootstrap": "stats",
     # interp.sae
     "FeatureRef": "sae",
@@ -152,6 +162,15 @@ if TYPE_CHECKING:
     )
     from interp.sae_fake import fake_gemma_scope_params, write_fake_gemma_scope
     from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
-    from interp.scores import LayerScores
+    from interp.scores import (
+        COMPONENT_KINDS,
+        LayerScores,
+        component_sweep,
+        flagged_site,
+        load_flagged,
+        ranked_above,
+        save_flagged,
+        site_ranking,
+    )
     from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
-    from interp.stats import mean_bootstrap, ratio_bootstrap
+    from interp.stats import compare_intervals, interval_relation, mean_bootstrap, mean_ci_by, ratio_bootstrap

@@ -12,8 +12,10 @@ conditions, ``analyses.eval.metrics``) and the per-layer patching bands (units =
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from jaxtyping import Float
 
 #: Resamples weighted at once (bounds the ``(chunk x units)`` weight matrix).
@@ -77,3 +79,61 @@ def mean_bootstrap(
     v = np.asarray(values, dtype=float)
     ok = ~np.isnan(v)
     return ratio_bootstrap(np.where(ok, v, 0.0), ok.astype(float), n_boot, seed, level)
+
+
+def mean_ci_by(
+    frame: pd.DataFrame,
+    columns: Sequence[str],
+    by: str | Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Mean of each of ``columns`` per group of ``by`` (a column or several) with its bootstrap interval.
+
+    Rows are the units: every resample draws as many rows as ``frame`` has, with replacement, and each
+    group's mean is taken over the drawn rows of that group (NaN values left out). Index (group levels...,
+    column); columns value, low, high, n (rows of the group with a value).
+    """
+    keys_by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in [*columns, *keys_by] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"columns {missing} not in the frame (it has {list(frame.columns)})")
+    if not columns or not keys_by:
+        raise ValueError("pass at least one value column and one grouping column")
+    keys, rows = [], []
+    for g, part in frame.groupby(keys_by, sort=True):
+        inside = frame.index.isin(part.index)
+        for c in columns:
+            rows.append(np.where(inside, frame[c].to_numpy(dtype=float), np.nan))
+            keys.append((*g, c))
+    values = np.stack(rows) if rows else np.zeros((0, len(frame)))
+    value, low, high = mean_bootstrap(values, n_boot, seed, level)
+    index = pd.MultiIndex.from_tuples(keys, names=[*keys_by, "column"])
+    n = (~np.isnan(values)).sum(1)
+    return pd.DataFrame({"value": value, "low": low, "high": high, "n": n}, index=index)
+
+
+def interval_relation(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """``above`` if interval ``a = (low, high)`` lies entirely above ``b``, ``below`` if entirely below,
+    else ``overlap`` (also when a bound is NaN): the "CIs separate" test of the notebooks."""
+    (a_lo, a_hi), (b_lo, b_hi) = a, b
+    if a_lo > b_hi:
+        return "above"
+    if a_hi < b_lo:
+        return "below"
+    return "overlap"
+
+
+def compare_intervals(table: pd.DataFrame, level: str, a: object, b: object) -> pd.Series:
+    """:func:`interval_relation` of group ``a`` vs group ``b`` of index level ``level`` of a table with
+    ``low`` / ``high`` columns (e.g. :func:`mean_ci_by`), for every combination of the other index levels."""
+    if level not in (table.index.names or []):
+        raise ValueError(f"index level {level!r} not in the table (levels {list(table.index.names)})")
+    ta, tb = table.xs(a, level=level), table.xs(b, level=level)
+    keys = ta.index.intersection(tb.index)
+    out = [
+        interval_relation((ta.loc[k, "low"], ta.loc[k, "high"]), (tb.loc[k, "low"], tb.loc[k, "high"]))
+        for k in keys
+    ]
+    return pd.Series(out, index=keys, name=f"{a} vs {b}", dtype=object)

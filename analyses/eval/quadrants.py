@@ -167,6 +167,29 @@ def quadrant_summary(q: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def quadrant_summary_by(q: pd.DataFrame, by: str = "finding") -> pd.DataFrame:
+    """:func:`quadrant_summary` per group of ``by`` (a column of :func:`quadrants`, e.g. ``finding``), plus
+    a row ``all`` per group (every sample of the group: share 1, its accuracy and mean entropy).
+
+    Index (group, quadrant) with quadrant in :data:`QUADRANTS` then ``all``; columns count, share,
+    accuracy, mean_entropy. ``share`` is within the group.
+    """
+    if by not in q.columns:
+        raise ValueError(f"column {by!r} not in the quadrants table (it has {list(q.columns)})")
+    parts = {}
+    for group, g in q.groupby(by, sort=True):
+        total = pd.DataFrame(
+            {"count": [len(g)], "share": [1.0], "accuracy": [g["correct"].astype(float).mean()],
+             "mean_entropy": [g["entropy"].mean()]},
+            index=pd.Index(["all"], name="quadrant"),
+        )  # fmt: skip
+        parts[group] = pd.concat([quadrant_summary(g), total])
+    if not parts:
+        return pd.DataFrame(columns=["count", "share", "accuracy", "mean_entropy"])
+    out = pd.concat(parts, names=[by, "quadrant"])
+    return out
+
+
 def migration(before_q: pd.DataFrame, after_q: pd.DataFrame) -> pd.DataFrame:
     """4x4 counts of samples by quadrant before (rows) and after (columns), matched on (qid, image_id).
 
