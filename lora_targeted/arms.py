@@ -16,6 +16,7 @@ runs cross-model patching base -> adapter on the rows whose answer the adapter c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -191,7 +192,7 @@ def run_arms(
     result = ArmRuns([], out / "base", config, layers)
     jobs = [(a, s) for a in layers for s in seeds]
     for arm, seed in tqdm(jobs, desc="arms x seeds", disable=not progress):
-        cfg = LoraTrainConfig(**{**config.to_dict(), "seed": int(seed)})
+        cfg = dataclasses.replace(config, seed=int(seed))
         t0 = time.time()
         res = train_lora(base, train_only, images, layers[arm], cfg, progress=False)
         t1 = time.time()
