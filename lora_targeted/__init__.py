@@ -2,6 +2,8 @@
 
 - :mod:`lora_targeted.targets`: ``select_layers``, ``lora_config`` (text-layer regex), ``trainable_fraction``
 - :mod:`lora_targeted.train`: ``LoraTrainConfig``, ``train_lora`` (CE + paraphrase consistency), ``load_lora``
+- :mod:`lora_targeted.arms`: ``arm_layers`` (targeted / same-size control / all layers), ``run_arms`` (arms x
+  seeds, train split only), ``seed_cluster_bootstrap``, ``arm_table``, ``where_changed`` (cross-model patching)
 - :mod:`lora_targeted.compare`: ``compare`` base vs LoRA adapters (flip, reliance, quadrants, migration)
 - :mod:`lora_targeted.cli`: ``add_lora_parser`` for ``flipscope lora train|compare``
 
