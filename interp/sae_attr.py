@@ -360,7 +360,7 @@ def feature_contrast(
     sign). Choose features on one split and score them on another."""
     if acts.ndim != 2 or in_group.shape != acts.shape[:1]:
         raise ValueError(f"acts {tuple(acts.shape)} must be (rows, width) and in_group (rows,)")
-    a, g = acts.float().cpu(), in_group.bool().cpu()
+    a, g = acts.detach().float().cpu(), in_group.bool().cpu()
     if g.all() or not g.any():
         raise ValueError("in_group must mark some rows and leave some out")
     x, y = a[g], a[~g]

@@ -405,6 +405,9 @@ def test_feature_contrast_by_hand() -> None:
     assert t.loc[2, "cohens_d"] == 0.0 and t.loc[2, "selectivity"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="some rows"):
         feature_contrast(acts, torch.ones(4, dtype=torch.bool))
+    # straight from an SAE's encode (a tensor that requires grad): same table
+    graded = feature_contrast(acts.clone().requires_grad_(True), group)
+    assert graded.equals(feature_contrast(acts, group))
 
 
 def test_train_jumprelu_sae_reaches_its_target_l0_and_round_trips(tmp_path: Path) -> None:
