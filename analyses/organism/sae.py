@@ -130,11 +130,16 @@ class RegisterPairs:
 
 
 def register_pairs(
-    adapter: VLMAdapter, split: str, model: Path = MODEL_DIR, others: bool = True, max_others: int = 0
+    adapter: VLMAdapter,
+    split: str,
+    model: Path = MODEL_DIR,
+    others: bool = True,
+    max_others: int = 0,
+    seed: int = 0,
 ) -> RegisterPairs:
     """The register flip pairs of ``split`` on ``adapter`` (flip = the original and its register
     paraphrase get different predictions), and with ``others`` the (original, paraphrase) pairs of
-    every other paraphrase family (``max_others`` > 0: an evenly spaced subset of that many)."""
+    every other paraphrase family (``max_others`` > 0: a random subset of that many, seeded)."""
     world, rows = organism_rows(split, model)
     images = world.image_for
     reg = [r for r in rows if r.family in ("original", SHORTCUT_FAMILY)]
@@ -146,8 +151,60 @@ def register_pairs(
     other_b = None
     if others:
         rest = [p for p in paraphrase_pairs(rows) if p.paraphrase.family != SHORTCUT_FAMILY]
-        if 0 < max_others < len(rest):
-            step = len(rest) / max_others
-            rest = [rest[int(i * step)] for i in range(max_others)]
+        if 0 < max_others < len(rest):  # seeded random subset (evenly spaced picks could hit one family)
+            import numpy as np
+
+            keep = np.random.default_rng(seed).choice(len(rest), max_others, replace=False)
+            rest = [rest[i] for i in sorted(keep.tolist())]
         other_b = pair_batches(adapter, rest, images)
     return RegisterPairs(split, reg, m, flips, pair_batches(adapter, flips, images), rest, other_b)
+
+
+def sae_alternatives(
+    settings: list[tuple[str, int, int, str]], out: Path | None = None, steps: int = 16, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Notebook 03's alternatives, one row per ``(site, width, k, architecture)``: train the SAE on
+    :data:`SAE_ROWS` train activations, choose a feature on the val register flip pairs, score it on the
+    test ones (:func:`interp.choose_and_score`; cosine with the planted direction at that site). Rows
+    are appended to ``out`` (JSON lines) as they finish, so a long sweep survives a crash.
+
+    >>> sae_alternatives([("resid_post(4)", 64, 4, "topk"), ("attn_out(3)", 128, 8, "jumprelu")])
+    """
+    from analyses.organism.truth import load_planted_truth
+    from hooks.sites import parse_site
+    from interp import SAETrainConfig, choose_and_score, train_sae
+
+    adapter = load_organism(MODEL_DIR)
+    truth = load_planted_truth(MODEL_DIR)
+    directions = {truth.direction_site: truth.direction, **truth.site_directions}
+    sel, score = (
+        register_pairs(adapter, "val", others=False),
+        register_pairs(adapter, "test", max_others=1200),
+    )
+    acts: dict[Site, Any] = {}
+    rows = []
+    for site_name, width, k, arch in settings:
+        site = parse_site(site_name)
+        if site not in acts:
+            acts[site] = organism_activations(site, SAE_ROWS, seed=seed)
+        cfg = SAETrainConfig(
+            site=site, width=width, k=k, steps=SAE_STEPS, lr=3e-3, seed=seed, progress=False,
+            architecture=arch,  # type: ignore[arg-type]
+        )  # fmt: skip
+        sae, report = train_sae(acts[site], cfg)
+        _, _, sc = choose_and_score(
+            adapter,
+            sae,
+            sel.flip_batches,
+            score.flip_batches,
+            score.other_batches,
+            directions.get(site),
+            steps=steps,
+        )
+        row = {"site": site_name, "width": width, "k": k, "architecture": arch, "fvu": report.fvu,
+               "l0": report.l0, "dead_fraction": report.dead_fraction, **sc.as_dict()}  # fmt: skip
+        rows.append(row)
+        if out is not None:
+            with open(out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    return rows
