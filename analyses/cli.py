@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--runs", default="runs/model_card")
     card.add_argument("--n-images", type=int, default=0, help="0 = the whole test split")
     card.set_defaults(func=_cmd_organism_card)
-    sae = org.add_parser("sae", help="retrain the organism's shipped SAE (TopK, resid_post(3))")
+    sae = org.add_parser("sae", help="retrain the organism's shipped SAE (TopK, organism/sae/<site>)")
     sae.add_argument("--seed", type=int, default=0)
     sae.set_defaults(func=_cmd_organism_sae)
 

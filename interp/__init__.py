@@ -96,6 +96,12 @@ EXPORTS: dict[str, str] = {
     # interp.sae_fake
     "fake_gemma_scope_params": "sae_fake",
     "write_fake_gemma_scope": "sae_fake",
+    # interp.sae_score
+    "FeatureScore": "sae_score",
+    "choose_and_score": "sae_score",
+    "clamp_to_original": "sae_score",
+    "decoder_cosine": "sae_score",
+    "score_feature": "sae_score",
     # interp.sae_train
     "SAETrainConfig": "sae_train",
     "SAETrainReport": "sae_train",
@@ -161,6 +167,13 @@ if TYPE_CHECKING:
         top_features,
     )
     from interp.sae_fake import fake_gemma_scope_params, write_fake_gemma_scope
+    from interp.sae_score import (
+        FeatureScore,
+        choose_and_score,
+        clamp_to_original,
+        decoder_cosine,
+        score_feature,
+    )
     from interp.sae_train import SAETrainConfig, SAETrainReport, evaluate_sae, train_sae
     from interp.scores import (
         COMPONENT_KINDS,

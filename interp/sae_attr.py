@@ -49,25 +49,40 @@ def clamping(
     adapter: VLMAdapter,
     sae: LoadedSAE,
     features: Sequence[int | FeatureRef] | Tensor,
-    value: float | Sequence[float] = 0.0,
+    value: float | Sequence[float] | Float[Tensor, "rows n_features"] = 0.0,
     position: Position | Literal["all"] = "final",
 ) -> Iterator[None]:
     """Within the block, every forward clamps ``features`` to ``value`` at the SAE's site.
 
     ``x -> x - f[i] * W_dec[i] + value * W_dec[i]`` (``f = encode(x)``) on every row, at ``position``
     (``"final"``, a negative offset, or ``"all"`` positions). ``value=0`` ablates the features; a feature
-    that is inactive (``f[i] = 0``) with ``value=0`` leaves ``x`` bit-identical.
+    that is inactive (``f[i] = 0``) with ``value=0`` leaves ``x`` bit-identical. ``value`` is one number,
+    one per feature, or a ``(rows, n_features)`` tensor of per-row values (e.g. each pair's value on
+    its original question, :func:`clamp_to_original`); then every forward must have exactly ``rows`` rows.
     """
     site = sae.require_site(adapter)
     idx = sae.indices(features)
-    target = torch.as_tensor(value, dtype=sae.W_dec.dtype, device=sae.W_dec.device).expand(len(idx))
+    target = torch.as_tensor(value, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+    per_row = target.ndim == 2
+    if per_row and target.shape[1] != len(idx):
+        raise ValueError(
+            f"per-row value has shape {tuple(target.shape)}; need (rows, {len(idx)}), one column per feature"
+        )
+    if not per_row:
+        target = target.expand(len(idx))
     pos = None if position == "all" else position_index(position)
 
     def fn(x: Tensor) -> Tensor:
         sel = x if pos is None else x[:, pos]
+        if per_row and x.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"clamping holds values for {target.shape[0]} rows but the forward has {x.shape[0]}; "
+                "run the batch the values were read from"
+            )
         with torch.no_grad():
             f = sae.encode(sel)[..., idx]
-            delta = (target - f) @ sae.W_dec[idx]
+            t = target[:, None] if per_row and pos is None else target
+            delta = (t - f) @ sae.W_dec[idx]
         out = x.clone()
         if pos is None:
             out += delta.to(x.device, x.dtype)
@@ -84,7 +99,7 @@ def clamp_features(
     sae: LoadedSAE,
     batch: Batch,
     features: Sequence[int | FeatureRef] | Tensor,
-    value: float | Sequence[float] = 0.0,
+    value: float | Sequence[float] | Float[Tensor, "rows n_features"] = 0.0,
     position: Position | Literal["all"] = "final",
 ) -> Float[Tensor, " batch"]:
     """Margins of ``batch`` with ``features`` clamped to ``value`` (see :func:`clamping`)."""
@@ -345,7 +360,7 @@ def feature_contrast(
     sign). Choose features on one split and score them on another."""
     if acts.ndim != 2 or in_group.shape != acts.shape[:1]:
         raise ValueError(f"acts {tuple(acts.shape)} must be (rows, width) and in_group (rows,)")
-    a, g = acts.float().cpu(), in_group.bool().cpu()
+    a, g = acts.detach().float().cpu(), in_group.bool().cpu()
     if g.all() or not g.any():
         raise ValueError("in_group must mark some rows and leave some out")
     x, y = a[g], a[~g]

@@ -1,8 +1,9 @@
-"""Train a TopK SAE on one site's cached activations, for models without a published SAE.
+"""Train a TopK or JumpReLU SAE on one site's cached activations, for models without a published SAE.
 
-The loop is sae-lens' own ``TopKTrainingSAE`` (``training_forward_pass``: MSE + the TopK auxiliary loss
-that revives dead features) driven by a small Adam loop here, so no sae-lens runner (model loading,
-token datasets, wandb) is involved:
+The loop is sae-lens' own training SAE (``TopKTrainingSAE``: MSE + the TopK auxiliary loss that revives
+dead features; ``JumpReLUTrainingSAE``: MSE + Gemma Scope 2's quadratic L0 penalty around a target L0,
+``2 / k * (l0 - k)^2``) driven by a small Adam loop here, so no sae-lens runner (model loading, token
+datasets, wandb) is involved:
 
 1. Shuffle the rows with ``seed``; hold out ``val_fraction`` of them.
 2. Scale the inputs so the mean row norm is ``sqrt(d)`` (folded back into the weights at the end),
@@ -10,8 +11,8 @@ token datasets, wandb) is involved:
 3. ``steps`` Adam steps on random mini-batches (one epoch-wise permutation after another); the learning
    rate decays linearly to 0 over the last ``decay_fraction`` of the steps. Features that have not fired
    for ``dead_after`` steps feed the auxiliary loss.
-4. Convert to an inference ``TopKSAE`` (decoder norms and the input scale folded into the weights, so
-   it reads raw activations) and report FVU and mean L0 on the held-out rows.
+4. Convert to an inference ``TopKSAE`` / ``JumpReLUSAE`` (decoder norms and the input scale folded into
+   the weights, so it reads raw activations) and report FVU and mean L0 on the held-out rows.
 
 >>> cache = cache_activations(adapter, batches, [resid_post(3)], positions=["question", "final"])
 >>> x = cache[resid_post(3)][cache.valid]                       # (n, d_model)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -35,12 +37,13 @@ from interp.sae import LoadedSAE
 
 @dataclass(frozen=True)
 class SAETrainConfig:
-    """How :func:`train_sae` trains a TopK SAE."""
+    """How :func:`train_sae` trains a TopK or JumpReLU SAE."""
 
     width: int = 1024
     """Number of features (``d_sae``)."""
     k: int = 32
-    """Active features per input (TopK); the SAE's L0 is at most ``k``."""
+    """TopK: active features per input (the SAE's L0 is at most ``k``). JumpReLU: the target L0 of the
+    quadratic sparsity penalty (the L0 reached is measured, not bounded)."""
     steps: int = 3000
     """Adam steps."""
     batch_size: int = 256
@@ -67,8 +70,23 @@ class SAETrainConfig:
     """Where to train."""
     progress: bool = True
     """Show a tqdm bar with the running loss."""
+    architecture: Literal["topk", "jumprelu"] = "topk"
+    """``topk`` (sae-lens ``TopKTrainingSAE``) or ``jumprelu`` (``JumpReLUTrainingSAE``, Gemma Scope 2's
+    quadratic L0 loss around ``k``, learned per-feature thresholds)."""
+    l0_coefficient: float = 1.0
+    """JumpReLU only: weight of the quadratic L0 penalty."""
+    jumprelu_bandwidth: float = 0.5
+    """JumpReLU only: bandwidth of the straight-through estimator of the threshold's gradient (sae-lens
+    defaults to 0.05, which barely moves the thresholds in a few hundred steps)."""
+    jumprelu_init_threshold: float = 0.3
+    """JumpReLU only: initial threshold (in the training scale, inputs of mean norm ``sqrt(d)``)."""
 
     def __post_init__(self) -> None:
+        if self.architecture not in ("topk", "jumprelu"):
+            raise ValueError(f"architecture must be 'topk' or 'jumprelu', got {self.architecture!r}")
+        for name in ("l0_coefficient", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("width", "k", "steps", "batch_size", "dead_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -120,10 +138,10 @@ def evaluate_sae(
 def train_sae(
     activations: Float[Tensor, "n d"], config: SAETrainConfig | None = None
 ) -> tuple[LoadedSAE, SAETrainReport]:
-    """Train a TopK SAE (sae-lens ``TopKTrainingSAE``) on ``activations``; returns an inference
-    ``TopKSAE`` wrapped as a :class:`LoadedSAE` and a :class:`SAETrainReport` (held-out FVU, L0)."""
+    """Train a TopK or JumpReLU SAE (``config.architecture``) on ``activations``; returns the inference
+    ``TopKSAE`` / ``JumpReLUSAE`` wrapped as a :class:`LoadedSAE` and a :class:`SAETrainReport`
+    (held-out FVU, L0)."""
     from sae_lens import SAE
-    from sae_lens.saes import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
     config = config or SAETrainConfig()
@@ -144,16 +162,8 @@ def train_sae(
     x_train = x_train * scale
 
     torch.manual_seed(config.seed)
-    cfg = TopKTrainingSAEConfig(
-        d_in=d,
-        d_sae=config.width,
-        k=config.k,
-        device=config.device,
-        aux_loss_coefficient=config.aux_coefficient,
-        rescale_acts_by_decoder_norm=True,
-        decoder_init_norm=0.1,
-    )
-    trainer = TopKTrainingSAE(cfg)
+    trainer = _training_sae(config, d)
+    coefficients: dict[str, Any] = {"l0": config.l0_coefficient} if config.architecture == "jumprelu" else {}
     with torch.no_grad():
         trainer.b_dec.copy_(x_train.mean(0))
     opt = torch.optim.Adam(trainer.parameters(), lr=config.lr)
@@ -176,7 +186,7 @@ def train_sae(
         out = trainer.training_forward_pass(
             TrainStepInput(
                 sae_in=batch,
-                coefficients={},
+                coefficients=coefficients,
                 dead_neuron_mask=since_fired > config.dead_after,
                 n_training_steps=step,
                 is_logging_step=False,
@@ -198,7 +208,8 @@ def train_sae(
     state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
     trainer.process_state_dict_for_saving_inference(state)
     inf_cfg = trainer.cfg.get_inference_sae_cfg_dict()
-    inf_cfg["rescale_acts_by_decoder_norm"] = False  # norms are folded: the decoder rows have norm 1
+    if config.architecture == "topk":
+        inf_cfg["rescale_acts_by_decoder_norm"] = False  # norms are folded: the decoder rows have norm 1
     sae = SAE.from_dict(inf_cfg)
     sae.load_state_dict(state)
     sae.fold_activation_norm_scaling_factor(scale)
@@ -209,7 +220,7 @@ def train_sae(
         release=config.release,
         layer=config.site.layer if config.site is not None else None,
         width=config.width,
-        l0=f"k{config.k}",
+        l0=f"k{config.k}" if config.architecture == "topk" else f"target{config.k}",
         hook_name=str(config.site) if config.site is not None else None,
     )
     fvu, l0, freq = evaluate_sae(loaded, x_val)
@@ -224,3 +235,36 @@ def train_sae(
         losses=losses,
     )
     return loaded, report
+
+
+def _training_sae(config: SAETrainConfig, d: int) -> Any:
+    """The sae-lens training SAE of ``config.architecture`` for inputs of width ``d``."""
+    if config.architecture == "jumprelu":
+        from sae_lens.saes import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+        return JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(
+                d_in=d,
+                d_sae=config.width,
+                device=config.device,
+                decoder_init_norm=0.1,
+                jumprelu_sparsity_loss_mode="quadratic",
+                target_l0=float(config.k),
+                l0_coefficient=config.l0_coefficient,
+                jumprelu_bandwidth=config.jumprelu_bandwidth,
+                jumprelu_init_threshold=config.jumprelu_init_threshold,
+            )
+        )
+    from sae_lens.saes import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    return TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=d,
+            d_sae=config.width,
+            k=config.k,
+            device=config.device,
+            aux_loss_coefficient=config.aux_coefficient,
+            rescale_acts_by_decoder_norm=True,
+            decoder_init_norm=0.1,
+        )
+    )

@@ -169,13 +169,44 @@ def test_organism_sites_and_trace(organism) -> None:  # type: ignore[no-untyped-
 
 
 def test_shipped_sae_loads_and_reconstructs_organism_activations() -> None:
-    """organism/sae: sae-lens folder, its recorded typed site, low FVU on held-out (test-split) activations."""
-    from analyses.organism.sae import SAE_DIR, organism_activations
+    """organism/sae: sae-lens folder at the recorded site, matching its report.json, low FVU on
+    activations of the test split (never seen in training)."""
+    from analyses.organism.sae import SAE_DIR, SAE_SITE, SAE_WIDTH, organism_activations
     from interp import evaluate_sae, load_sae
 
     sae = load_sae(SAE_DIR)
     report = json.loads((SAE_DIR / "report.json").read_text())
-    x = organism_activations(sae.site.layer, n_rows=256, split="test")
-    fvu, _, _ = evaluate_sae(sae, x)
-    assert fvu < 0.1 and report["fvu"] < 0.1
-    assert np.isfinite(fvu)
+    assert (
+        sae.site == SAE_SITE and str(sae.site) == report["site"] and sae.width == SAE_WIDTH == report["width"]
+    )
+    assert report["model"] == "model" and report["n_activations"] == 8192
+    x = organism_activations(SAE_SITE, n_rows=256, split="test")
+    fvu, l0, freq = evaluate_sae(sae, x)
+    assert fvu < 0.1 and abs(fvu - report["fvu"]) < 0.05, (fvu, report)
+    assert l0 > 1 and (freq > 0).float().mean() >= 1 - report["dead_fraction"] - 0.15
+
+
+def test_register_pairs_are_flips_of_the_planted_organism() -> None:
+    """register_pairs: every flip pair is (original, register) on one image with opposite predictions;
+    the other pairs hold every other paraphrase family and no register row."""
+    import torch
+
+    from analyses.organism.model import MODEL_DIR, load_organism
+    from analyses.organism.sae import register_pairs
+
+    torch.set_num_threads(1)
+    adapter = load_organism(MODEL_DIR)
+    pairs = register_pairs(adapter, "val", max_others=60)
+    assert len(pairs.flips) >= 30
+    assert all(p.original.family == "original" and p.paraphrase.family == "register" for p in pairs.flips)
+    assert all(p.paraphrase.paraphrase_of == p.original.qid for p in pairs.flips + pairs.others)
+    m_o, m_p = (adapter.margins(b) for b in pairs.flip_batches)
+    assert ((m_o > 0) != (m_p > 0)).all()
+    assert len(pairs.others) == 60 and "register" not in {p.paraphrase.family for p in pairs.others}
+    assert {p.paraphrase.family for p in pairs.others} == {
+        "lexical",
+        "syntactic",
+        "scope",
+        "voice",
+        "reorder",
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -404,3 +405,95 @@ def test_feature_contrast_by_hand() -> None:
     assert t.loc[2, "cohens_d"] == 0.0 and t.loc[2, "selectivity"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="some rows"):
         feature_contrast(acts, torch.ones(4, dtype=torch.bool))
+    # straight from an SAE's encode (a tensor that requires grad): same table
+    graded = feature_contrast(acts.clone().requires_grad_(True), group)
+    assert graded.equals(feature_contrast(acts, group))
+
+
+def test_train_jumprelu_sae_reaches_its_target_l0_and_round_trips(tmp_path: Path) -> None:
+    from sae_lens import JumpReLUSAE
+
+    g = torch.Generator().manual_seed(0)
+    n, d, atoms, active = 4000, 32, 48, 3
+    dictionary = torch.randn(atoms, d, generator=g)
+    dictionary /= dictionary.norm(dim=-1, keepdim=True)
+    codes = torch.zeros(n, atoms)
+    which = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
+    codes.scatter_(1, which, torch.rand(n, active, generator=g) * 1.5 + 0.5)
+    x = codes @ dictionary + 0.3
+    cfg = SAETrainConfig(
+        width=96, k=active, steps=500, lr=3e-3, site=resid_post(2), architecture="jumprelu", progress=False
+    )
+    sae, report = train_sae(x, cfg)
+    assert isinstance(sae.sae, JumpReLUSAE) and sae.l0 == "target3"
+    # measured, not bounded: the quadratic penalty pulls L0 toward 3 (untrained thresholds fire ~half)
+    assert 1.5 <= report.l0 <= 8 and report.fvu < 0.15, report
+    back = load_sae(save_sae(sae, tmp_path / "jr"))
+    assert isinstance(back.sae, JumpReLUSAE) and back.site == resid_post(2)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), sae.encode(x))
+    with pytest.raises(ValueError, match="architecture"):
+        SAETrainConfig(architecture="relu")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- scoring a chosen feature
+def test_per_row_clamp_equals_one_row_at_a_time(
+    gemma3_adapter: VLMAdapter, pairs: tuple[Batch, Batch], mid_sae: LoadedSAE
+) -> None:
+    orig, _ = pairs
+    values = torch.tensor([[0.0], [3.0], [7.5]])
+    rows = clamp_features(gemma3_adapter, mid_sae, orig, [ALIVE], value=values)
+    one_by_one = torch.cat(
+        [
+            clamp_features(gemma3_adapter, mid_sae, orig.select([i]), [ALIVE], value=float(values[i, 0]))
+            for i in range(3)
+        ]
+    )
+    torch.testing.assert_close(rows, one_by_one, atol=1e-5, rtol=0)
+    assert (rows[1:] - rows[0]).abs().min() > 1e-4  # the values differ per row, so do the margins
+    with pytest.raises(ValueError, match="one column per feature"):
+        clamp_features(gemma3_adapter, mid_sae, orig, [ALIVE], value=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="values for 3 rows"):
+        clamp_features(gemma3_adapter, mid_sae, orig.select([0, 1]), [ALIVE], value=values)
+
+
+def test_clamp_to_original_and_score_feature(
+    gemma3_adapter: VLMAdapter, pairs: tuple[Batch, Batch], last_sae: LoadedSAE
+) -> None:
+    from interp import FeatureScore, clamp_to_original, decoder_cosine, score_feature
+
+    orig, para = pairs
+    a = gemma3_adapter
+    # clamping every row of a batch to its own value is the identity; to the original's, by hand
+    torch.testing.assert_close(
+        clamp_to_original(a, last_sae, [ALIVE], orig, orig), a.margins(orig), atol=1e-4, rtol=0
+    )
+    site = last_sae.require_site()
+    f_o = last_sae.encode(capture(a, orig, [site])[0][site][:, -1])[:, [ALIVE]]
+    by_hand = clamp_features(a, last_sae, para, [ALIVE], value=f_o)
+    assert torch.equal(clamp_to_original(a, last_sae, [ALIVE], orig, para), by_hand)
+    assert torch.equal(clamp_to_original(a, last_sae, [DEAD], orig, para), a.margins(para))
+    # decoder cosine keeps its sign
+    w = last_sae.W_dec[ALIVE].detach()
+    assert decoder_cosine(last_sae, ALIVE, w) == pytest.approx(1.0)
+    assert decoder_cosine(last_sae, ALIVE, -2 * w) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="decoder rows"):
+        decoder_cosine(last_sae, ALIVE, torch.ones(3))
+
+    attr = feature_attribution(a, last_sae, orig, para, steps=8)
+    table = top_features(attr, k=WIDTH)
+    alive = score_feature(a, last_sae, ALIVE, (orig, para), (para, orig), w, attribution=attr, n_boot=50)
+    assert isinstance(alive, FeatureScore) and alive.n_pairs == 3 and alive.n_other == 3
+    assert alive.rank == table["index"].tolist().index(ALIVE) + 1 and alive.cosine == pytest.approx(1.0)
+    assert alive.recovery[0] == pytest.approx(
+        feature_patch(a, last_sae, orig, para, [ALIVE]).mean_recovery, abs=1e-6
+    )
+    assert alive.recovery[1] <= alive.recovery[0] <= alive.recovery[2]
+    # a feature that never fires: nothing to patch or clamp, no collateral; undo = share of flips that
+    # were not flips to begin with = 0 (NaN when the pairs hold no flip)
+    dead = score_feature(a, last_sae, DEAD, (orig, para), (para, orig), attribution=attr, n_boot=50)
+    assert dead.recovery[0] == 0.0 and dead.collateral_original[0] == 0.0 and dead.collateral_zero[0] == 0.0
+    assert (dead.undo_original[0] == 0.0) if dead.n_flips else np.isnan(dead.undo_original[0])
+    assert np.isnan(dead.cosine) and not dead.switches_on
+    with pytest.raises(ValueError, match="attribution covers"):
+        score_feature(a, last_sae, ALIVE, (orig.select([0, 1]), para.select([0, 1])), attribution=attr)
