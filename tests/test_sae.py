@@ -246,17 +246,22 @@ def test_gemma_scope_2_from_the_hf_cache_and_seed_variants(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------------- training
-def test_train_sae_on_sparse_codes_then_save_and_load(tmp_path: Path) -> None:
-    from sae_lens import TopKSAE
-
+def _sparse_codes(active: int, n: int = 4000, d: int = 32, atoms: int = 48) -> torch.Tensor:
+    """``n`` points, each a sum of ``active`` of ``atoms`` unit dictionary atoms (weights 0.5-2), plus 0.3."""
     g = torch.Generator().manual_seed(0)
-    n, d, atoms, active = 4000, 32, 48, 3
     dictionary = torch.randn(atoms, d, generator=g)
     dictionary /= dictionary.norm(dim=-1, keepdim=True)
     codes = torch.zeros(n, atoms)
     which = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
     codes.scatter_(1, which, torch.rand(n, active, generator=g) * 1.5 + 0.5)
-    x = codes @ dictionary + 0.3
+    return codes @ dictionary + 0.3
+
+
+def test_train_sae_on_sparse_codes_then_save_and_load(tmp_path: Path) -> None:
+    from sae_lens import TopKSAE
+
+    active = 3
+    x = _sparse_codes(active)
     cfg = SAETrainConfig(
         width=96, k=active, steps=500, lr=3e-3, site=resid_post(2), release="synth", progress=False
     )
@@ -265,7 +270,7 @@ def test_train_sae_on_sparse_codes_then_save_and_load(tmp_path: Path) -> None:
     assert report.fvu < 0.1, report
     assert report.n_val == 400 and report.n_train == 3600
     # the reported L0 is the held-out L0 (the split is seeded; recompute it from the same rows)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
     held_out = x[perm[: report.n_val]]
     with torch.no_grad():
         f = sae.encode(held_out)
@@ -413,14 +418,8 @@ def test_feature_contrast_by_hand() -> None:
 def test_train_jumprelu_sae_reaches_its_target_l0_and_round_trips(tmp_path: Path) -> None:
     from sae_lens import JumpReLUSAE
 
-    g = torch.Generator().manual_seed(0)
-    n, d, atoms, active = 4000, 32, 48, 3
-    dictionary = torch.randn(atoms, d, generator=g)
-    dictionary /= dictionary.norm(dim=-1, keepdim=True)
-    codes = torch.zeros(n, atoms)
-    which = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
-    codes.scatter_(1, which, torch.rand(n, active, generator=g) * 1.5 + 0.5)
-    x = codes @ dictionary + 0.3
+    active = 3
+    x = _sparse_codes(active)
     cfg = SAETrainConfig(
         width=96, k=active, steps=500, lr=3e-3, site=resid_post(2), architecture="jumprelu", progress=False
     )

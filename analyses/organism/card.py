@@ -125,7 +125,7 @@ def detections(
         rec_site.update({kind(layer): float(res.recovery[i, 0]) for i, layer in enumerate(res.layers)})
     ranked = sorted(rec_site, key=lambda x: -rec_site[x])
     m_joint = patch_components(clean, planted, batch, truth.sites)
-    joint = recovery(m_joint, clean.margins(batch).float(), planted.margins(batch).float()).nanmean()
+    joint = recovery(m_joint, res.clean_margins, res.corrupt_margins).nanmean()  # source / target margins
     q = quadrants(df, CARD_RULE)  # scope="cluster": every answer-preserving question must rely on the image
     prior = q[q["finding"].isin(rec["config"]["prior_findings"])]
     fam = _series(s["by_family"].xs("flip_rate", level="metric"))

@@ -221,12 +221,14 @@ class PlantedTruth:
     """The gate figures (``register_flip``, ``collateral``, ``gating_ratio``, ``passed``, ...)."""
     record: dict[str, Any]
     """The whole ``planted_truth.json``."""
+    folder: Path
+    """The planted checkpoint's folder (the factors and merged deltas are read from it on demand)."""
     family: str = SHORTCUT_FAMILY
     """The planted family."""
 
     def delta(self, component: str) -> Tensor:
         """The merged weight change ``B @ A`` of a planted component."""
-        return load_file(str(Path(self.record["_folder"]) / TRUTH_TENSORS))[f"delta/{component}"]
+        return load_file(str(self.folder / TRUTH_TENSORS))[f"delta/{component}"]
 
 
 def load_planted_truth(folder: Path | str) -> PlantedTruth:
@@ -249,5 +251,6 @@ def load_planted_truth(folder: Path | str) -> PlantedTruth:
         direction=t["planted_direction"],
         site_directions={s: t[f"direction/{s}"] for s in sites},
         gate=rec["gate"],
-        record={**rec, "_folder": str(folder)},
+        record=rec,
+        folder=folder,
     )
