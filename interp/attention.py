@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from hooks.attn import attention_implementation
 from hooks.batch import Batch
 from hooks.inputs import Box
 
@@ -41,28 +42,12 @@ if TYPE_CHECKING:
 Upsample = Literal["nearest", "bilinear"]
 
 
-def _attn_state(config: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {"": config._attn_implementation}
-    for key in getattr(config, "sub_configs", {}):
-        sub = getattr(config, key, None)
-        if sub is not None:
-            state[key] = _attn_state(sub)
-    return state
-
-
 @contextmanager
 def eager_attention(adapter: VLMAdapter) -> Iterator[None]:
-    """Switch the model to eager attention (which returns weights) and restore it on exit."""
-    model: Any = adapter.model
-    before = _attn_state(model.config)
-    if model.config.get_text_config()._attn_implementation == "eager":
+    """Switch the text stack to eager attention (which returns weights) and restore it on exit; the
+    vision tower keeps its own implementation (:func:`hooks.attn.attention_implementation`)."""
+    with attention_implementation(adapter.model, "eager"):
         yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def final_attention_to_image(
