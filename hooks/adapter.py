@@ -20,7 +20,8 @@ from hooks.answer import AnswerIds, AnswerReduce, find_answer_ids
 from hooks.batch import Batch, build_batch, render_prompts
 from hooks.checkpoints import check_hf_format
 from hooks.devices import input_device
-from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, load_image
+from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, check_images, load_image
+from hooks.layout import EncodedImage, build_layout, layout_features
 from hooks.prompt import IMAGE_POSITIONS, PROMPT_MODES, ImagePosition, PromptMode, resolve_mode
 from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec
 from hooks.trace import SiteTrace
@@ -138,14 +139,15 @@ class VLMAdapter:
         revision: str | None = None,
         trust_remote_code: bool = False,
         local_files_only: bool | None = None,
-        attn_implementation: str | None = "eager",
+        attn_implementation: str | None = "sdpa",
     ) -> VLMAdapter:
         """Load a model and processor from a local folder or a hub id (e.g. ``google/medgemma-4b-it``).
 
         A local folder never touches the network. ``dtype`` defaults to the checkpoint's own
         (bf16 for MedGemma); ``device_map="auto"`` spreads a 27B model over GPUs, within ``max_memory``
-        per device if given (:mod:`hooks.devices`). Eager attention is
-        the default so attention patterns can be read; pass ``"sdpa"`` for speed when you don't.
+        per device if given (:mod:`hooks.devices`). SDPA attention is the default:
+        the computations that need eager (attention weights, the resumed sweep's materialised masks)
+        switch the text stack to it for their own forward passes only (:mod:`hooks.attn`).
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -265,16 +267,52 @@ class VLMAdapter:
     def image_inputs(self, images: Sequence[ImageLike]) -> dict[str, Tensor]:
         """The image tensors the processor makes for ``images`` (the family's image keys, e.g.
         ``pixel_values`` + ``image_grid_thw``), exactly as :meth:`prepare` puts them into a batch."""
+        return self._process_images([load_image(im) for im in images])[0]
+
+    def _process_images(self, pil: list[Image.Image]) -> tuple[dict[str, Tensor], list[str]]:
+        """The processor's image half: image tensors and each image's placeholder replacement string."""
         family = self.spec.inputs
-        pil = [load_image(im) for im in images]
         if not pil:
             raise ValueError("no images to encode")
+        check_images(list(pil), self.config.expected_image_size)
         # through the full processor (its image kwargs included), with a bare placeholder as the text
         text = [family.placeholder_text(self.processor)] * len(pil)
         out = self.processor(
-            text=text, images=family.processor_images(pil), padding=True, return_tensors="pt"
+            text=text,
+            images=family.processor_images(pil),
+            padding=True,
+            return_tensors="pt",
+            return_text_replacement_offsets=True,
         )
-        return {k: out[k] for k in family.image_keys}
+        replacements = [offsets[0]["replacement"] for offsets in out["text_replacement_offsets"]]
+        return {k: out[k] for k in family.image_keys}, replacements
+
+    def encode(self, images: Sequence[ImageLike]) -> list[EncodedImage]:
+        """Each image processed and encoded once (one at a time, so a result does not depend on its
+        neighbours): features, placeholder replacement and grid, for :meth:`layout` and the prefix path."""
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for im in images:
+                pil = load_image(im)
+                inputs, (replacement,) = self._process_images([pil])
+                (feats,) = self.image_features(inputs)
+                grid = {k: v for k, v in inputs.items() if k != "pixel_values"}
+                out.append(EncodedImage(feats.detach(), replacement, grid, pil.size))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def layout(
+        self,
+        questions: Sequence[str],
+        images: Sequence[EncodedImage | None],
+        conditions: Sequence[str] | None = None,
+    ) -> Batch:
+        r""":meth:`prepare` for images already :meth:`encode`\ d: the tokenizer alone, no image processing.
+        Pass ``image_features=layout_features(images)`` (:func:`hooks.layout.layout_features`) to score it."""
+        return build_layout(self, list(questions), list(images), None if conditions is None else list(conditions))
 
     def image_features(self, image_inputs: dict[str, Tensor]) -> list[Float[Tensor, "tokens d_model"]]:
         """Features of each image as the model writes them into its image tokens (vision tower,
@@ -342,6 +380,11 @@ class VLMAdapter:
         skipped.
         """
         kwargs = self.forward_kwargs(batch)
+        if image_features is None and not batch.image_inputs and bool(batch.image_mask.any()):
+            raise ValueError(
+                "this batch has image tokens but no pixels (laid out by adapter.layout): pass "
+                "image_features=layout_features(images), or build it with adapter.prepare"
+            )
         if image_features is not None:
             for key in self.spec.inputs.image_keys:
                 kwargs.pop(key, None)
@@ -362,14 +405,36 @@ class VLMAdapter:
         images: Sequence[ImageLike | None],
         questions: Sequence[str],
         batch_size: int | None = None,
+        reuse_prefix: bool | None = None,
     ) -> Float[Tensor, " n"]:
-        """Margins for many pairs, in batches of ``batch_size`` (default: config.batch_size)."""
+        """Margins for many pairs, in batches of ``batch_size`` (default: config.batch_size).
+
+        Each distinct image (the same object or path) is processed and encoded once; with the image
+        before the question, rows about one image share its prefix's keys/values (:mod:`hooks.prefix`;
+        ``reuse_prefix=False`` forces full forwards, ``None`` reuses wherever the prompt allows).
+        """
+        from hooks.prefix import PrefixStore, prefix_margins, reusable
+
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
         bs = batch_size or self.config.batch_size
-        out = [
-            self.margins(self.prepare(images[i : i + bs], questions[i : i + bs]))
-            for i in range(0, len(questions), bs)
-        ]
-        return torch.cat(out).cpu()
+        keys = [None if im is None else (str(im) if isinstance(im, str | Path) else id(im)) for im in images]
+        encoded: dict[Any, EncodedImage] = {}
+        for key, im in zip(keys, images, strict=True):
+            if im is not None and key not in encoded:
+                encoded[key] = self.encode([im])[0]
+        store = PrefixStore()
+        out = []
+        for i in range(0, len(questions), bs):
+            shown = [None if k is None else encoded[k] for k in keys[i : i + bs]]
+            batch = self.layout(questions[i : i + bs], shown)
+            feats = layout_features(shown)
+            if reuse_prefix is not False and (reuse_prefix or reusable(batch)):
+                img_keys = [k for k in keys[i : i + bs] if k is not None]
+                out.append(prefix_margins(self, batch, feats, img_keys, store))
+            else:
+                out.append(self.margins(batch, image_features=feats).float().cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ sites
     def resolve(self, site: Site) -> ModuleRef:

@@ -98,8 +98,9 @@ class Batch:
         }
         has = self.image_mask.any(-1)
         img_row = torch.cumsum(has.long(), 0) - 1  # row -> index among the rows with an image
-        parts = self.image_parts()
-        inputs.update(self.family.join([parts[int(img_row[i])] for i in idx if has[i]]))
+        parts = self.image_parts()  # none in a batch laid out without pixels (hooks.layout)
+        if parts:
+            inputs.update(self.family.join([parts[int(img_row[i])] for i in idx if has[i]]))
         return Batch(
             inputs,
             self.image_mask[idx],
