@@ -436,6 +436,15 @@ class VLMAdapter:
                 out.append(self.margins(batch, image_features=feats).float().cpu())
         return torch.cat(out)
 
+    def compile_text_stack(self) -> None:
+        """``torch.compile`` each text decoder layer in place (dynamic shapes; hooks on it keep working).
+
+        Compiles lazily on the first forward of each new shape class: worth it for long runs on a GPU
+        (measured at MedGemma-4B shape on an H200: a bare forward 153 -> 220 rows/s), not on a CPU."""
+        layers: Any = self.get_module(self.spec.text_layers)
+        for layer in layers:
+            layer.compile(dynamic=True)
+
     # ------------------------------------------------------------------ sites
     def resolve(self, site: Site) -> ModuleRef:
         return self.spec.resolve(site, self.n_layers, self.n_vision_layers)

@@ -106,6 +106,16 @@ def reusable(batch: Batch) -> bool:
     return not bool(early.any())
 
 
+def image_first(adapter: VLMAdapter, question: str) -> bool:
+    """Whether ``adapter``'s prompt for ``question`` puts the image before the question text (read from
+    the rendered prompt, before tokenization: no image is needed)."""
+    from hooks.batch import render_prompts
+
+    text = render_prompts(adapter, [question], [True])[0].text
+    at = text.find(adapter.processor.image_token)
+    return 0 <= at < text.rfind(question.strip())
+
+
 def _window_ok(adapter: VLMAdapter, total: int) -> bool:
     cfg = adapter.model.config.get_text_config()
     window = getattr(cfg, "sliding_window", None)

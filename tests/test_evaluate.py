@@ -99,20 +99,24 @@ def test_resume_after_kill_gives_same_results(
     # a kill in the middle of a write leaves a torn last line
     with (tmp_path / "predictions.jsonl").open("a") as f:
         f.write('{"qid": "torn", "cond')
-    calls = {"n": 0}
-    orig = adapter.margins
+    import analyses.eval.evaluate as ev
 
-    def counting(*a, **k):  # type: ignore[no-untyped-def]
+    calls = {"n": 0, "rows": 0}
+    orig = ev.score
+
+    def counting(adapter, items, *a, **k):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        return orig(*a, **k)
+        calls["rows"] += len(items)
+        return orig(adapter, items, *a, **k)
 
-    adapter.margins = counting  # type: ignore[method-assign]
+    ev.score = counting  # type: ignore[assignment]
     try:
         resumed = evaluate(adapter, rows, world.image_for, tmp_path, cfg, progress=False)
     finally:
-        del adapter.margins
+        ev.score = orig  # type: ignore[assignment]
     n_left = len(full_run) - len(part)
     assert calls["n"] == -(-n_left // 16)  # exactly the unfinished rows are computed, in full batches
+    assert calls["rows"] == n_left
     assert not resumed.duplicated(["qid", "condition"]).any()
     a = resumed.set_index(["qid", "condition"]).sort_index()["margin"]
     b = full_run.set_index(["qid", "condition"]).sort_index()["margin"]

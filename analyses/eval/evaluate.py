@@ -9,8 +9,12 @@ For each question row it computes the decision margin under up to four condition
 - ``swap_label``: the image of another patient whose ground truth for this finding is the opposite.
 
 Four steps: **plan** the (row, condition, image) work not yet in the run folder; **encode** each image
-once (vision tower + projector, :class:`hooks.features.ImageFeatureCache`) and reuse the features for
-all of its questions and conditions; **score** a batch with one forward pass; **write** the batch to
+once (image processor, vision tower and projector, :class:`hooks.features.ImageFeatureCache`) and reuse
+it for all of its questions and conditions: rows are laid out by the tokenizer alone
+(:mod:`hooks.layout`), and with the image before the question each image's prefix (everything up to its
+last image token) runs once, every row of it a suffix-only forward (:mod:`hooks.prefix`; the path is a
+setting, ``EvalConfig.forward``, recorded in ``meta.json`` as ``forward_path``); **score** a batch;
+**write** the batch to
 ``<out>/predictions.jsonl`` (:class:`~analyses.eval.predictions.RunFolder`). A killed run resumes where
 it stopped: finished (qid, condition) pairs are neither recomputed nor duplicated, and only if the weights,
 every image and every setting are the ones recorded (:mod:`analyses.eval.fingerprint`). Every row left
@@ -23,7 +27,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import pandas as pd
 import torch
@@ -36,9 +40,14 @@ from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_
 from hooks.adapter import VLMAdapter
 from hooks.features import ImageFeatureCache
 from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
+from hooks.layout import EncodedImage, layout_features
+from hooks.prefix import PrefixStore, image_first, prefix_margins
 
 if TYPE_CHECKING:
     from analyses.eval.shard import Part
+
+ForwardPath = Literal["auto", "prefix", "full"]
+FORWARD_PATHS: tuple[str, ...] = ("auto", "prefix", "full")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,14 @@ class EvalConfig:
     """Seed of the swap partner draw (and of noise removal)."""
     flush_every: int = 1
     """Write results to disk every this many batches (1 = after every batch)."""
+    forward: ForwardPath = "auto"
+    """``prefix``: each image's prefix runs once and rows are suffix-only forwards (needs the image before
+    the question); ``full``: every row is a whole-sequence forward (image features still cached); ``auto``:
+    ``prefix`` where the prompt puts the image first, else ``full``. Both give the same margins to float
+    rounding; the path that ran is recorded (``forward_path``) and a resume on the other one is refused."""
+    compile: bool = False
+    """``torch.compile`` the text decoder layers (dynamic shapes) before scoring: faster on a GPU once
+    compiled, slow to start; numerics may differ from eager by rounding, so it is a recorded setting."""
 
     def __post_init__(self) -> None:
         bad = [c for c in self.conditions if c not in CONDITIONS]
@@ -66,6 +83,8 @@ class EvalConfig:
             raise ValueError(f"removal {self.removal!r} is not one of {REMOVALS}")
         if self.batch_size < 1 or self.flush_every < 1:
             raise ValueError("batch_size and flush_every must be >= 1")
+        if self.forward not in FORWARD_PATHS:
+            raise ValueError(f"forward {self.forward!r} is not one of {FORWARD_PATHS}")
 
 
 def swap_partners(rows: Sequence[QuestionRow], seed: int) -> dict[tuple[str, str], str | None]:
@@ -111,7 +130,7 @@ def plan(
     finished: set[tuple[str, str]] | frozenset[tuple[str, str]],
     only_images: frozenset[str] | None = None,
 ) -> list[WorkItem]:
-    """Every (row, condition) not yet finished, grouped by condition then image so batches share a layout.
+    """Every (row, condition) not yet finished, grouped by condition then shown image so batches share it.
 
     Swap conditions without a valid partner (see :func:`swap_partners`) are left out. ``only_images``
     keeps the rows of those images (a shard, :mod:`analyses.eval.shard`); partners are drawn over all rows.
@@ -132,7 +151,8 @@ def plan(
             elif cond == "removed":
                 img_id = None
             work.append(WorkItem(r, cond, img_id))
-    work.sort(key=lambda w: (w.condition, w.row.image_id))
+    # rows that show the same image are neighbours, so they share batches (and the image's prefix)
+    work.sort(key=lambda w: (w.condition, w.image_id or "", w.row.image_id))
     return work
 
 
@@ -147,6 +167,8 @@ class ImageInputs:
     def __init__(self, adapter: VLMAdapter, source: ImageSource, removal: Removal) -> None:
         self.source, self.removal = source, removal
         self.features = ImageFeatureCache(adapter)
+        self.prefixes = PrefixStore()
+        """Image prefixes' keys/values (the prefix path), kept across batches."""
         self.skipped: dict[str, str] = {}
         self.dropped: list[dict[str, object]] = []
         self._pil: dict[str, Image.Image] = {}
@@ -162,8 +184,9 @@ class ImageInputs:
                 self.skipped[image_id] = f"{type(err).__name__}: {err}"
         return self._pil.get(image_id)
 
-    def inputs(self, item: WorkItem) -> tuple[Image.Image | None, torch.Tensor | None] | None:
-        """(image shown, its features) for a work item; ``None`` if an image it needs is unreadable."""
+    def inputs(self, item: WorkItem) -> tuple[str | None, EncodedImage | None] | None:
+        """(feature key, encoded image shown) for a work item (``(None, None)``: no image tokens);
+        ``None`` if an image it needs is unreadable."""
         own = self.pil(item.row.image_id, item.row)
         if own is None:
             return None
@@ -172,10 +195,10 @@ class ImageInputs:
                 self._removed[own.size] = self.removal.apply(own, 0)
             rep = self._removed[own.size]
             key = f"removed:{own.size[0]}x{own.size[1]}"
-            return rep, None if rep is None else self.features.get(key, rep)
+            return (None, None) if rep is None else (key, self.features.encoded(key, rep))
         assert item.image_id is not None
         im = self.pil(item.image_id)
-        return None if im is None else (im, self.features.get(item.image_id, im))
+        return None if im is None else (item.image_id, self.features.encoded(item.image_id, im))
 
     def drop(self, item: WorkItem) -> None:
         """Record a work item left out because an image it needs could not be read."""
@@ -192,27 +215,43 @@ class ImageInputs:
         )
 
 
-def score(adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs) -> list[str]:
-    """Margins of a batch of work items in one forward pass, as predictions.jsonl lines."""
+def score(
+    adapter: VLMAdapter, items: Sequence[WorkItem], images: ImageInputs, path: str = "full"
+) -> list[str]:
+    """Margins of a batch of work items (``path``: ``prefix`` or ``full``), as predictions.jsonl lines."""
     kept: list[WorkItem] = []
-    shown: list[Image.Image | None] = []
-    feats: list[torch.Tensor] = []
+    shown: list[EncodedImage | None] = []
+    keys: list[str] = []
     for item in items:
         got = images.inputs(item)
         if got is None:
             images.drop(item)
             continue
         kept.append(item)
-        shown.append(got[0])
-        if got[1] is not None:
-            feats.append(got[1])
+        shown.append(got[1])
+        if got[0] is not None:
+            keys.append(got[0])
     if not kept:
         return []
-    # only the prompt layout is needed from prepare; pixels come from the feature cache
-    batch = adapter.prepare(shown, [w.row.question for w in kept], [w.condition for w in kept])
+    batch = adapter.layout([w.row.question for w in kept], shown, [w.condition for w in kept])
+    feats = layout_features(shown)
     with torch.no_grad():
-        m = adapter.margins(batch, image_features=feats or None).cpu().tolist()
+        if path == "prefix":
+            m = prefix_margins(adapter, batch, feats, keys, images.prefixes).tolist()
+        else:
+            m = adapter.margins(batch, image_features=feats).float().cpu().tolist()
     return [prediction_record(w.row, w.condition, mi, w.image_id) for w, mi in zip(kept, m, strict=True)]
+
+
+def forward_path(adapter: VLMAdapter, rows: Sequence[QuestionRow], cfg: EvalConfig) -> str:
+    """The path a run takes (``prefix`` or ``full``): :attr:`EvalConfig.forward` resolved for this prompt."""
+    first = image_first(adapter, rows[0].question) if rows else True
+    if cfg.forward == "prefix" and not first:
+        raise ValueError(
+            "forward='prefix' needs the image before the question, but this prompt puts the question first "
+            f"(image_position={adapter.config.image_position!r}); use forward='full' or 'auto'"
+        )
+    return "prefix" if cfg.forward == "prefix" or (cfg.forward == "auto" and first) else "full"
 
 
 def run_meta(
@@ -230,6 +269,7 @@ def run_meta(
         "n_rows": len(rows),
         "removal": Removal(cfg.removal, seed=cfg.seed).label,
         "eval_config": asdict(cfg),
+        "forward_path": forward_path(adapter, rows, cfg),
         "weights": weights_fingerprint(adapter),
         "images": image_fingerprints(rows, images, progress) if image_hashes is None else image_hashes,
     }
@@ -270,11 +310,14 @@ def evaluate(
     else:
         work = plan(rows, cfg, run.finished() | part.finished, part.images)
     inputs = ImageInputs(adapter, images, removal)
-    bar = tqdm(total=len(work), desc="eval", disable=not progress, unit="q")
+    path = forward_path(adapter, rows, cfg)
+    if cfg.compile:
+        adapter.compile_text_stack()
+    bar = tqdm(total=len(work), desc=f"eval ({path})", disable=not progress, unit="q")
     with run.appender(cfg.flush_every) as out:
         for n, start in enumerate(range(0, len(work), cfg.batch_size), 1):
             chunk = work[start : start + cfg.batch_size]
-            out.add_batch(score(adapter, chunk, inputs))
+            out.add_batch(score(adapter, chunk, inputs, path))
             bar.update(len(chunk))
             if max_batches is not None and n >= max_batches:
                 break
