@@ -82,7 +82,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         require(track)  # a tracker that is not installed fails now, not after the run
     conditions: Any = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
-    cfg = EvalConfig(conditions=conditions, removal=args.removal, batch_size=args.batch_size, seed=args.seed)
+    cfg = EvalConfig(
+        conditions=conditions,
+        removal=args.removal,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        forward=args.forward,
+        compile=args.compile,
+    )
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
     options = data_options(args)
     placement = model_options(args)
@@ -273,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--forward",
+        default="auto",
+        choices=["auto", "prefix", "full"],
+        help="prefix: each image's prefix runs once, rows are suffix-only forwards (image before the question); "
+        "full: whole-sequence forwards; auto (default): prefix where the prompt allows. Same margins to rounding",
+    )
+    ev.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the text layers (GPU: faster after a slow start; off by default)",
+    )
     ev.add_argument("--n-boot", type=int, default=1000)
     ev.add_argument(
         "--reliance",
