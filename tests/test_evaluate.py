@@ -189,3 +189,43 @@ def test_bad_config() -> None:
 
 def test_read_predictions_handles_missing_file(tmp_path: Path) -> None:
     assert read_predictions(tmp_path / "none.jsonl").empty
+
+
+def test_prefix_and_full_paths_agree_and_are_recorded(
+    adapter: VLMAdapter, rows: list, world: SynthCXRWorld, full_run: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The default run took the prefix path (image first); a full-path run gives the same margins, records
+    its path, and a resume on the other path is refused like any other changed setting."""
+    out = tmp_path / "full"
+    full = evaluate(
+        adapter, rows, world.image_for, out, EvalConfig(batch_size=16, forward="full"), progress=False
+    )
+    assert json.loads((out / "meta.json").read_text())["forward_path"] == "full"
+    a = full.set_index(["qid", "condition"]).sort_index()["margin"]
+    b = full_run.set_index(["qid", "condition"]).sort_index()["margin"]
+    torch.testing.assert_close(torch.tensor(a.to_numpy()), torch.tensor(b.to_numpy()), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="forward"):
+        evaluate(
+            adapter, rows, world.image_for, out, EvalConfig(batch_size=16, forward="prefix"), progress=False
+        )
+
+
+def test_prefix_path_needs_the_image_first(
+    adapter: VLMAdapter, rows: list, world: SynthCXRWorld, tmp_path: Path
+) -> None:
+    after = VLMAdapter(
+        adapter.model, adapter.processor, AdapterConfig(expected_image_size=64, image_position="after")
+    )
+    with pytest.raises(ValueError, match="needs the image before the question"):
+        evaluate(
+            after, rows[:4], world.image_for, tmp_path / "p", EvalConfig(forward="prefix"), progress=False
+        )
+    df = evaluate(
+        after, rows[:4], world.image_for, tmp_path / "a", EvalConfig(conditions=("image",)), progress=False
+    )
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["forward_path"] == "full"
+    img = world.image(rows[0].image_id)
+    direct = after.margins(after.prepare([img], [rows[0].question]))[0].item()
+    assert df.set_index(["qid", "condition"]).loc[(rows[0].qid, "image"), "margin"] == pytest.approx(
+        direct, abs=1e-5
+    )
