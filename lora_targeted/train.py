@@ -43,6 +43,7 @@ from hooks.adapter import VLMAdapter
 from hooks.answer import answer_loss
 from hooks.features import ImageFeatureCache
 from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
+from hooks.layout import EncodedImage, layout_features
 from lora_targeted.targets import DEFAULT_MODULES, lora_config, select_layers, trainable_fraction
 
 #: Files written next to the peft adapter.
@@ -232,19 +233,16 @@ def cluster_losses(
     Differentiable w.r.t. whatever parameters of ``adapter.model`` require grad.
     """
     rows: list[QuestionRow] = []
-    pil: list[Image.Image | None] = []
-    feats: list[Tensor] = []
+    shown: list[EncodedImage | None] = []
     orig_pos, para_pairs, removed_pos = [], [], []
     for c in clusters:
-        image = cache.pil(c.image_id)
-        f = cache.features.get(c.image_id, image)
+        enc = cache.features.encoded(c.image_id, lambda c=c: cache.pil(c.image_id))
         orig_pos.append(len(rows))
         for r in (c.original, *c.paraphrases, *c.operators):
             if r.family in PARAPHRASE_FAMILIES:
                 para_pairs.append((orig_pos[-1], len(rows)))
             rows.append(r)
-            pil.append(image)
-            feats.append(f)
+            shown.append(enc)
     n_task = len(rows)
     questions = [r.question for r in rows]
     if cfg.image_reliance_weight > 0 or cfg.removed_weight > 0:
@@ -252,11 +250,11 @@ def cluster_losses(
             rep = cache.removed_pil(c.image_id)
             removed_pos.append(len(questions))
             questions.append(c.original.question)
-            pil.append(rep)
-            if rep is not None:
-                feats.append(cache.features.get(f"removed:{cfg.removal}:{rep.size[0]}x{rep.size[1]}", rep))
-    batch = adapter.prepare(pil, questions)
-    logits = adapter.logits(batch, image_features=feats or None)[:, -1]
+            key = None if rep is None else f"removed:{cfg.removal}:{rep.size[0]}x{rep.size[1]}"
+            shown.append(None if rep is None or key is None else cache.features.encoded(key, rep))
+    # rows laid out from each image's cached encoding: the image processor runs once per image
+    batch = adapter.layout(questions, shown)
+    logits = adapter.logits(batch, image_features=layout_features(shown))[:, -1]
     margin = adapter.answer_ids.margin(logits)
     dev = logits.device
     targets = torch.tensor([r.ground_truth for r in rows], device=dev)
