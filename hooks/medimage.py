@@ -96,6 +96,20 @@ def _first(value: Any) -> float:
     return float(value)
 
 
+def _decoder_hint(tsyntax: Any) -> str:
+    """Install advice only where it helps: a compressed syntax that no installed decoder reads (a truncated
+    file in a syntax that can be decoded is damaged, not undecodable)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        missing = bool(tsyntax.is_compressed) and not get_decoder(tsyntax).is_available
+    except Exception:  # an unknown or malformed transfer syntax
+        missing = False
+    if not missing:
+        return " (the file looks damaged or truncated)"
+    return "; install a pydicom decoder for it, e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg`"
+
+
 def dicom_to_uint8(ds: Any, source: str = "") -> np.ndarray:
     """A pydicom dataset's pixels as ``uint8`` (H, W) for monochrome or (H, W, 3) for colour (module docs)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -109,8 +123,7 @@ def dicom_to_uint8(ds: Any, source: str = "") -> np.ndarray:
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         name = getattr(tsyntax, "name", str(tsyntax))
         raise ValueError(
-            f"cannot decode the pixel data of {where} (transfer syntax {name}): {err}; install a pydicom "
-            "decoder for it, e.g. `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg`"
+            f"cannot decode the pixel data of {where} (transfer syntax {name}): {err}{_decoder_hint(tsyntax)}"
         ) from err
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -171,28 +184,26 @@ def read_image(path: str | Path) -> Image.Image:
 
 
 def verify_image(path: str | Path) -> str:
-    """``""`` if ``path`` looks readable, else the reason (cheap: headers only, no full decode).
+    """``""`` if ``path`` decodes, else the reason. The whole image is decoded (:func:`read_image`): a
+    truncated JPEG or DICOM passes a header check and fails only when its pixels are read, which would
+    drop its rows (and the rows it is a swap partner for) halfway through a run.
 
-    DICOM: parsed without its pixel data; it must hold pixel data in a transfer syntax that an installed
-    decoder can read. Other files: ``PIL.Image.verify``.
+    DICOM in a compressed transfer syntax with no installed decoder says which packages to install; any
+    other failure gives the decoder's own reason.
     """
     try:
         if is_dicom(path):
             import pydicom
             from pydicom.pixels import get_decoder
 
-            ds = pydicom.dcmread(str(path), stop_before_pixels=False, defer_size="1 KB", force=True)
-            if "PixelData" not in ds:
-                return "DICOM file without pixel data"
-            tsyntax = ds.file_meta.TransferSyntaxUID
-            if tsyntax.is_compressed and not get_decoder(tsyntax).is_available:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+            tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            if tsyntax is not None and tsyntax.is_compressed and not get_decoder(tsyntax).is_available:
                 return (
                     f"no decoder for DICOM transfer syntax {tsyntax.name}: install one, e.g. "
                     "`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg`"
                 )
-            return ""
-        with Image.open(path) as im:
-            im.verify()
+        read_image(path)
     except Exception as err:  # PIL and pydicom raise OSError, SyntaxError, struct.error... on corrupt files
         return f"{type(err).__name__}: {err}"
     return ""

@@ -7,9 +7,9 @@ on the question: text is causal, and Gemma3's bidirectional attention stays insi
 which ends before the question. So for a batch (:func:`prefix_margins`):
 
 1. each row is split after its last image token: prefix ``ids[first_real : end]``, suffix ``ids[end:]``;
-2. every distinct (image, prefix ids) not yet in the :class:`PrefixStore` runs once (the prefixes of a
-   batch together, left-padded), with the row's own position ids and per-token keys (the image block's
-   mask), and its keys/values are kept without the padding;
+2. every distinct (image, prefix ids) not yet in the :class:`PrefixStore` runs once, alone (so its
+   keys/values do not depend on which batch first needed it: a sharded run gives the same bits), with the
+   row's own position ids and per-token keys (the image block's mask);
 3. the suffixes run as one left-padded batch against a cache holding each row's prefix keys/values
    (left-padded to the longest prefix), with a 2-D attention mask over ``[prefix pad | prefix | suffix
    pad | suffix]`` and the suffix tokens' position ids from the full layout (so Qwen2.5-VL's 3-D rotary
@@ -181,8 +181,8 @@ def _image_rows(
     for k, r in enumerate(rows):
         if row_key[r] not in store and row_key[r] not in missing:
             missing[row_key[r]] = (r, feats[k])
-    if missing:
-        _run_prefixes(adapter, batch, missing, first, ends, store)
+    for key, todo in missing.items():  # one at a time: a prefix's keys/values never depend on its neighbours
+        _run_prefixes(adapter, batch, {key: todo}, first, ends, store)
     kvs = [store.get(row_key[r]) for r in rows]
     return _run_suffixes(adapter, batch, rows, kvs, ends).float().cpu()
 

@@ -229,3 +229,19 @@ def test_prefix_path_needs_the_image_first(
     assert df.set_index(["qid", "condition"]).loc[(rows[0].qid, "image"), "margin"] == pytest.approx(
         direct, abs=1e-5
     )
+
+
+def test_rows_without_a_swap_partner_are_listed(
+    adapter: VLMAdapter, world: SynthCXRWorld, tmp_path: Path
+) -> None:
+    """One image alone has no other patient to swap with: its swap predictions are missing *and* listed."""
+    one = [
+        r for r in world.rows("test") if r.image_id == sorted({x.image_id for x in world.rows("test")})[0]
+    ][:5]
+    df = evaluate(adapter, one, world.image_for, tmp_path, EvalConfig(batch_size=8), progress=False)
+    assert set(df["condition"]) == {"image", "removed"}
+    skipped = [json.loads(x) for x in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((s["row"], s["condition"]) for s in skipped) == sorted(
+        (r.qid, c) for r in one for c in ("swap_random", "swap_label")
+    )
+    assert all(s["reason"] == "no swap partner" for s in skipped)

@@ -174,3 +174,21 @@ def test_psf_file_with_dicom_and_16bit_png_images(tmp_path: Path) -> None:
     assert loaded.skipped == {} and [r.qid for r in loaded.rows] == ["v1", "pc"]
     assert np.asarray(loaded.image_for("v1"))[..., 0].tolist() == [[255, 193, 130], [99, 68, 0]]
     assert np.asarray(loaded.image_for("pc"))[..., 0].tolist() == [[0, 6], [13, 255]]
+
+
+def test_truncated_files_fail_the_load_check(tmp_path: Path) -> None:
+    """A truncated JPEG or DICOM passes a header check; the load check decodes, so it fails there and the
+    DICOM reason is the decoder's, not a missing-decoder note (issue: 48 rows lost mid-run)."""
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.jpg") as im:
+        im.verify()  # what the old header-only check did: it passes
+    assert verify_image(tmp_path / "full.jpg") == ""
+    assert "truncated" in verify_image(tmp_path / "cut.jpg").lower()
+    path = write_dicom(tmp_path / "full.dcm", (rng.random((64, 64)) * 4095).astype(np.uint16))
+    raw = path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(raw[: len(raw) - 2000])
+    reason = verify_image(tmp_path / "cut.dcm")
+    assert reason != "" and "pylibjpeg" not in reason

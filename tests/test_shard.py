@@ -125,16 +125,42 @@ def _meta(path: Path) -> dict[str, object]:
     return meta
 
 
+def _same_lines(ref: Path, got: Path, atol: float = 1e-5) -> None:
+    """Line for line the same predictions: every field equal, margins to ``atol`` (the prefix path's suffix
+    batches depend on which rows share a batch, so margins agree to float rounding, not bit for bit)."""
+    a, b = (
+        [json.loads(x) for x in (p / "predictions.jsonl").read_text().splitlines()] for p in (ref, got)
+    )
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x.pop("margin") - y.pop("margin")) <= atol and x == y, (x, y)
+
+
 def _same_run(ref: Path, got: Path) -> None:
-    """The merged folder is the single-process folder: predictions byte for byte, meta but the start time."""
-    assert (got / "predictions.jsonl").read_bytes() == (ref / "predictions.jsonl").read_bytes()
+    """The merged folder is the single-process folder: predictions line for line, meta but the start time."""
+    _same_lines(ref, got)
     assert _meta(got) == _meta(ref)
     assert (got / "skipped.jsonl").exists() == (ref / "skipped.jsonl").exists()
     summary = [json.loads((p / "summary.json").read_text()) for p in (ref, got)]
     for s in summary:
         s["run"].pop("started", None)
-    assert summary[0] == summary[1]
+    _close(summary[0], summary[1])  # the same numbers, up to the margins' float rounding
     assert (got / "report.html").is_file()
+
+
+def _close(a: object, b: object, where: str = "summary") -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5, nan_ok=True), where
+    else:
+        assert a == b, where
 
 
 @pytest.mark.slow
@@ -208,8 +234,9 @@ def test_torchrun_cache_parts_read_as_the_single_process_cache(tmp_path: Path) -
     assert len(one) == len(two) == 2 * len(_rows()) and sorted(one.keys) == sorted(two.keys)
     at = {k: i for i, k in enumerate(two.keys)}
     order = [at[k] for k in one.keys]  # the rows of `two` in the order of `one`
-    assert torch.equal(two.margins[order], one.margins)
+    # to float rounding: sdpa attention (the default) is not bit-stable across thread counts and batch shapes
+    torch.testing.assert_close(two.margins[order], one.margins, atol=1e-5, rtol=0)
     for site in (resid_post(3), mlp_out(2)):
         x1, x2 = one[site], two[site]
         for i, j in enumerate(order):
-            assert torch.equal(x1[i][one.valid[i]], x2[j][two.valid[j]])
+            torch.testing.assert_close(x1[i][one.valid[i]], x2[j][two.valid[j]], atol=1e-5, rtol=1e-5)

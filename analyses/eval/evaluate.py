@@ -156,6 +156,32 @@ def plan(
     return work
 
 
+def unpaired(
+    rows: Sequence[QuestionRow], cfg: EvalConfig, only_images: frozenset[str] | None = None
+) -> list[dict[str, object]]:
+    """``skipped.jsonl`` records of the swap predictions :func:`plan` leaves out: no other patient's image
+    (with the opposite label, for ``swap_label``) exists for the row's finding."""
+    partners = swap_partners(rows, cfg.seed)
+    out: list[dict[str, object]] = []
+    for r in rows:
+        if only_images is not None and r.image_id not in only_images:
+            continue
+        for cond in cfg.conditions:
+            if cond.startswith("swap") and partners[(r.qid, cond)] is None:
+                what = "with the opposite label " if cond == "swap_label" else ""
+                detail = f"no other patient's image {what}for {r.finding} among the loaded rows"
+                out.append(
+                    {
+                        "row": r.qid,
+                        "line": None,
+                        "reason": "no swap partner",
+                        "detail": detail,
+                        "condition": cond,
+                    }
+                )
+    return out
+
+
 class ImageInputs:
     """Images and their features for the evaluator: each image loaded and encoded once.
 
@@ -322,5 +348,5 @@ def evaluate(
             if max_batches is not None and n >= max_batches:
                 break
     bar.close()
-    run.write_skipped(loaded + inputs.dropped)
+    run.write_skipped(loaded + inputs.dropped + unpaired(rows, cfg, None if part is None else part.images))
     return run.predictions()
