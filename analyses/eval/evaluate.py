@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from analyses.data.schema import ImageSource, QuestionRow, SkippedRow
-from analyses.eval.fingerprint import image_fingerprints, weights_fingerprint
+from analyses.eval.fingerprint import image_fingerprints, runtime_fingerprint, weights_fingerprint
 from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_hash, prediction_record
 from hooks.adapter import VLMAdapter
 from hooks.features import ImageFeatureCache
@@ -231,6 +231,7 @@ def run_meta(
         "removal": Removal(cfg.removal, seed=cfg.seed).label,
         "eval_config": asdict(cfg),
         "weights": weights_fingerprint(adapter),
+        "runtime": runtime_fingerprint(adapter),
         "images": image_fingerprints(rows, images, progress) if image_hashes is None else image_hashes,
     }
 
