@@ -154,17 +154,8 @@ def cache_run(
             math.ceil(len(readable) * len(conditions) / batch_size),
         )
         show = progress and dist.is_main
-        cache_activations(
-            adapter,
-            batches,
-            sites,
-            positions,
-            out,
-            shard_rows=shard_rows,
-            progress=show,
-            part=name,
-            keys=keys,
-        )
+        cache_activations(adapter, batches, sites, positions, out, shard_rows=shard_rows, progress=show,
+                          part=name, keys=keys)  # fmt: skip
         if unreadable:
             (out / name / "skipped.json").write_text(json.dumps(unreadable, indent=1))
 
