@@ -145,7 +145,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         resolve_model,
     )
     from analyses.eval.shard import init_dist, rank_placement
-    from analyses.eval.shard_cache import cache_run
+    from analyses.eval.shard_cache import cache_run, skipped_count
     from hooks.sites import parse_site
 
     check_split(args.split)
@@ -157,13 +157,20 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     dist = init_dist()
     adapter, model_dir = resolve_model(args.model, **rank_placement(dist, placement))
     data = resolve_data(args.data, args.split, args.n_images, model_dir, args.image_root, options)
+    if data.report and dist.is_main:
+        print(data.report)
     cache = cache_run(
         adapter, data.rows, data.images, sites, args.out, positions=positions, conditions=conditions,
         removal=args.removal, batch_size=args.batch_size, shard_rows=args.shard_rows, dist=dist,
-        progress=not args.quiet,
+        progress=not args.quiet, skipped=data.problems,
     )  # fmt: skip
-    if cache is not None:
-        print(f"cached {len(cache)} rows x {len(sites)} site(s) from {dist.world_size} process(es): {cache}")
+    if cache is None:
+        return 0
+    print(f"cached {len(cache)} rows x {len(sites)} site(s) from {dist.world_size} process(es): {cache}")
+    out = Path(args.out)
+    if n := skipped_count(out):
+        print(f"{n} rows left out (row, line, reason): {out / 'skipped.jsonl'}")
+    print(f"load it: from interp.cache import ActivationCache; cache = ActivationCache.load({str(out)!r})")
     return 0
 
 

@@ -78,3 +78,26 @@ def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--n-images", "2", "--out", str(tmp_path / "demo")]) == 0
     assert "margin_shift" in capsys.readouterr().out
     assert (tmp_path / "demo" / "report.html").is_file()
+
+
+def test_cache_lists_what_it_left_out_counts_its_bar_and_says_how_to_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
+
+    SynthCXRWorld(SynthCXRConfig(n_patients=10, seed=3)).save(tmp_path / "world")
+    data = tmp_path / "world" / "questions.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")  # line 2 is malformed
+    out = tmp_path / "cache"
+    argv = ["cache", "--data", str(data), "--split", "train", "--n-images", "1", "--sites", "resid_post(1)"]
+    assert main([*argv, "--batch-size", "4", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["row"], s["line"], s["reason"]) for s in skipped] == [("line 2", 2, "malformed line")]
+    assert f"1 rows left out (row, line, reason): {out / 'skipped.jsonl'}" in captured.out
+    assert f"ActivationCache.load({str(out)!r})" in captured.out
+    bars = re.findall(r"caching activations: 100%.*?\| (\d+)/(\d+) ", captured.err)
+    assert bars and bars[-1][0] == bars[-1][1]  # the bar had a total, and reached it

@@ -308,6 +308,7 @@ def test_chexpert_labels_become_presence_questions(tmp_path: Path) -> None:
     ]
     assert {(p.qid, p.reason, p.line) for p in loaded.problems} == {
         (f"{ida}/pleural_effusion", "uncertain label", 2),
+        (chexpert_path(a, "lateral").removesuffix(".jpg"), "not a frontal view", 3),  # recorded, not lost
         (f"{idb}/atelectasis", "uncertain label", 4),
         (f"{chexpert_path(c).removesuffix('.jpg')}/pleural_effusion", "uncertain label", 5),
     }
@@ -349,6 +350,38 @@ def test_mimic_labels_with_metadata_and_split_files(tmp_path: Path) -> None:
     val = label_rows(read_records(labels), root, "val")
     assert {r.image_id for r in val.rows} == {"d2"} and val.skipped == {"uncertain label": ["d2/atelectasis"]}
     assert "mimic-cxr-2.0.0-split.csv" in test.report()
+
+
+def test_label_tables_record_every_study_and_view_left_out(tmp_path: Path) -> None:
+    import codecs
+
+    root = tmp_path / "mimic-cxr-jpg"
+    for i, d in enumerate(MIMIC):
+        mimic_jpg(root, d, seed=i)
+    labels = tmp_path / "mimic-cxr-2.0.0-chexpert.csv"  # written by a tool that puts a BOM first
+    labels.write_bytes(codecs.BOM_UTF8 + (
+        b"subject_id,study_id,Atelectasis,Cardiomegaly,Consolidation,Edema,Pleural Effusion,Pneumothorax\n"
+        b"10000032,50414267,,1.0,,,0.0,\n10000764,57375967,,0.0,,,,\n19999987,58971208,,1.0,,,,\n"
+    ))  # fmt: skip
+    (tmp_path / "mimic-cxr-2.0.0-metadata.csv").write_text(  # study 58971208 is not in it
+        "dicom_id,subject_id,study_id,ViewPosition\nd1,10000032,50414267,PA\nlat1,10000032,50414267,LATERAL\n"
+        "d2,10000764,57375967,LL\n"
+    )
+    loaded = load_table(read_records(labels), root, "test", default_split="test")
+    assert loaded.layout == "labels"
+    every = label_rows(read_records(labels), root, None)
+    assert {r.image_id for r in every.rows} == {"d1"}
+    got = {p.qid: (p.reason, p.line, p.detail) for p in every.problems}
+    assert got["lat1"][:2] == ("not a frontal view", 2) and "ViewPosition LATERAL" in got["lat1"][2]
+    assert got["p10000764/s57375967"][:2] == ("no frontal view", 3)  # only a lateral view: a record, not lost
+    assert "LL (d2)" in got["p10000764/s57375967"][2] and "--all-views" in got["p10000764/s57375967"][2]
+    assert got["p19999987/s58971208"][:2] == ("study not in metadata", 4)
+    assert len(got) == 3
+    views = label_rows(read_records(labels), root, None, frontal_only=False)
+    assert {r.image_id for r in views.rows} == {"d1", "d2"}  # lat1 has no file: missing image
+    assert {p.qid: p.reason for p in views.problems} == {
+        "lat1": "missing image", "p19999987/s58971208": "study not in metadata"
+    }  # fmt: skip
 
 
 def test_unknown_layout_names_the_layouts(tmp_path: Path) -> None:

@@ -335,3 +335,32 @@ def test_mimic_image_paths(tmp_path: Path) -> None:
     assert df["patient_id"].tolist()[2] == "19999987" and df["study_id"].tolist()[2] == "58971208"
     frontal = mimic_image_paths(meta, root, views=("PA", "AP"))
     assert frontal["image_id"].tolist() == ["d-one", "d-three"]
+
+
+def test_a_utf8_byte_order_mark_is_accepted_in_every_text_layout(data_dir: Path) -> None:
+    import argparse
+    import codecs
+    import gzip
+
+    from analyses.data.records import read_records
+    from analyses.data.resolve import model_options
+
+    plain = load_psf_rows(_write(_frame(GOOD), data_dir / "plain.jsonl"))
+    records = _frame(GOOD).to_dict("records")
+    texts = {
+        "bom.jsonl": "".join(json.dumps(rec) + "\n" for rec in records),
+        "bom.json": json.dumps(records),
+        "bom.csv": _frame(GOOD).to_csv(index=False),
+    }
+    for name, text in texts.items():
+        raw = codecs.BOM_UTF8 + text.encode()
+        for path, data in ((data_dir / name, raw), (data_dir / f"{name}.gz", gzip.compress(raw))):
+            if path.suffixes[-2:] == [".json", ".gz"]:
+                continue  # .json.gz is not a supported suffix
+            path.write_bytes(data)
+            assert read_records(path).columns[0] == "qid", path
+            loaded = load_psf_rows(path)
+            assert loaded.rows == plain.rows and loaded.problems == [], (path, loaded.problems)
+    device_map = data_dir / "device_map.json"
+    device_map.write_bytes(codecs.BOM_UTF8 + b'{"": "cpu"}')
+    assert model_options(argparse.Namespace(device_map=str(device_map)))["device_map"] == {"": "cpu"}

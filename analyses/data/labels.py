@@ -15,6 +15,11 @@ to the label file or in the image root), frontal views (PA, AP) unless ``frontal
 ``files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg`` under the image root; a ``dicom_id``
 column in the label table is used directly.
 
+**Nothing is left out silently**: a view that is not frontal gets a skipped record (reason
+``not a frontal view``, with the image id and its view), a study whose images in the metadata are all
+lateral gets one (``no frontal view``, naming the study and the views it has), and a study absent from the
+metadata gets one (``study not in metadata``), each with the label table's line.
+
 **Splits.** A ``split`` column, else MIMIC's ``mimic-cxr-2.0.0-split.csv[.gz]`` (``validate`` = val) when
 found beside the label file or in the image root, else a split by patient: ``crc32(patient) % 10``, 0-7
 train, 8 val, 9 test (disjoint by patient; stated in the report).
@@ -83,6 +88,10 @@ class _Case:
     findings: dict[str, bool]
 
 
+#: Reasons an image or study of a label table is left out before its labels are read.
+NOT_FRONTAL, NO_FRONTAL, NOT_IN_METADATA = "not a frontal view", "no frontal view", "study not in metadata"
+
+
 @dataclass
 class _Image:
     image_id: str
@@ -92,16 +101,18 @@ class _Image:
     index: int
     labels: dict[str, str] = field(default_factory=dict)
     split: str = ""
+    left_out: tuple[str, str] | None = None
+    """(reason, detail) of an image or study left out for its view or metadata (recorded, never used)."""
+    split_id: str = ""
+    """The id its split is looked up by, if not ``image_id`` (a study left out: one of its images)."""
 
 
 def _beside(names: tuple[str, ...], *folders: Path) -> Path | None:
     return next((f / n for f in folders for n in names if (f / n).is_file()), None)
 
 
-def _mimic_images(
-    records: Records, metadata: Path | None, frontal_only: bool
-) -> dict[tuple[str, str], list[str]]:
-    """(subject_id, study_id) -> dicom ids of that study (frontal views unless ``frontal_only=False``)."""
+def _mimic_images(records: Records, metadata: Path | None) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(subject_id, study_id) -> (dicom id, view) of every image of that study in the metadata."""
     if metadata is None:
         raise ValueError(
             f"{records.source}: MIMIC-CXR labels are per study; pass the image table with --metadata "
@@ -113,13 +124,39 @@ def _mimic_images(
         raise ValueError(
             f"{metadata} lacks columns {sorted(need - set(meta.columns))}; MIMIC metadata has {sorted(need)}"
         )
-    out: dict[tuple[str, str], list[str]] = {}
+    out: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for rec in meta.rows:
-        if frontal_only and str(rec["ViewPosition"]).strip() not in FRONTAL_VIEWS:
-            continue
-        out.setdefault((str(rec["subject_id"]).strip(), str(rec["study_id"]).strip()), []).append(
-            str(rec["dicom_id"]).strip()
-        )
+        key = (str(rec["subject_id"]).strip(), str(rec["study_id"]).strip())
+        out.setdefault(key, []).append((str(rec["dicom_id"]).strip(), str(rec["ViewPosition"] or "").strip()))
+    return out
+
+
+def _study_images(
+    study: tuple[str, str],
+    images: list[tuple[str, str]] | None,
+    frontal_only: bool,
+    base: _Image,
+    metadata: str,
+) -> list[_Image]:
+    """The images of one MIMIC study; the views left out (and a study without any usable one) as records."""
+    sid, st = study
+    where = f"study s{st} of subject p{sid}"
+    if images is None:
+        return [
+            replace(
+                base, image_id=f"p{sid}/s{st}", left_out=(NOT_IN_METADATA, f"{where} is not in {metadata}")
+            )
+        ]
+    keep = [d for d, v in images if not frontal_only or v in FRONTAL_VIEWS]
+    if not keep:
+        views = ", ".join(f"{v or 'blank'} ({d})" for d, v in images)
+        why = f"{where} has only {views} in {metadata}; --all-views uses them"
+        return [replace(base, image_id=f"p{sid}/s{st}", left_out=(NO_FRONTAL, why), split_id=images[0][0])]
+    out = [replace(base, image_id=d, ref=mimic_jpg_path(sid, st, d)) for d in keep]
+    for d, v in images:
+        if d not in keep:
+            why = f"ViewPosition {v or 'blank'} ({where}); --all-views uses it"
+            out.append(replace(base, image_id=d, ref=mimic_jpg_path(sid, st, d), left_out=(NOT_FRONTAL, why)))
     return out
 
 
@@ -128,6 +165,7 @@ HASH_SPLITS: tuple[str, ...] = ("train",) * 8 + ("val", "test")
 
 
 def _split_of(patient: str, given: str, table: dict[str, str], image_id: str) -> str:
+    """The image's split (``""``: invalid, or not in the split file)."""
     if given:
         return SPLIT_ALIASES.get(given.strip().lower(), "")
     if table:
@@ -142,7 +180,7 @@ def _images(
     col = columns
     studies = None
     if "Path" not in col and "dicom_id" not in col:
-        studies = _mimic_images(records, metadata, frontal_only)
+        studies = _mimic_images(records, metadata)
     out: list[_Image] = []
     for index, (rec, line) in enumerate(zip(records.rows, records.lines, strict=True)):
         labels = {name: parse_label(rec.get(c)) for name, c in col.items() if name in CHEXPERT_LABELS}
@@ -150,18 +188,21 @@ def _images(
         if "Path" in col:
             path = str(rec.get(col["Path"], "") or "").strip()
             view = str(rec.get(col.get("Frontal/Lateral", ""), "") or "Frontal").strip()
-            if frontal_only and view.lower() != "frontal":
-                continue
             found = re.search(r"patient\d+", path)
             patient = found.group(0) if found else ""
-            out.append(_Image(re.sub(r"\.[A-Za-z]+$", "", path), patient, path, line, index, labels, split))
+            im = _Image(re.sub(r"\.[A-Za-z]+$", "", path), patient, path, line, index, labels, split)
+            if frontal_only and view.lower() != "frontal":
+                im.left_out = (NOT_FRONTAL, f"Frontal/Lateral = {view}; --all-views uses it")
+            out.append(im)
             continue
         sid, study = str(rec.get(col["subject_id"], "")).strip(), str(rec.get(col["study_id"], "")).strip()
-        dicoms = (
-            [str(rec.get(col["dicom_id"], "")).strip()] if studies is None else studies.get((sid, study), [])
-        )
-        for dicom in dicoms:
-            out.append(_Image(dicom, sid, mimic_jpg_path(sid, study, dicom), line, index, labels, split))
+        base = _Image("", sid, "", line, index, labels, split)
+        if studies is None:
+            dicom = str(rec.get(col["dicom_id"], "")).strip()
+            out.append(replace(base, image_id=dicom, ref=mimic_jpg_path(sid, study, dicom)))
+        else:
+            name = metadata.name if metadata else "the metadata"
+            out += _study_images((sid, study), studies.get((sid, study)), frontal_only, base, name)
     return out
 
 
@@ -206,7 +247,11 @@ def label_rows(
     n_other = 0
     for im in images:
         given = im.split
-        im.split = _split_of(im.patient_id, im.split, table, im.image_id)
+        im.split = _split_of(im.patient_id, im.split, table, im.split_id or im.image_id)
+        if im.left_out is not None:  # recorded unless it is known to be of another split
+            if split is None or im.split in ("", split):
+                problems.append(SkippedRow(im.image_id, *im.left_out, im.index, im.line))
+            continue
         if not im.split:
             why = f"split={given!r}" if given else "not in the split file"
             problems.append(SkippedRow(im.image_id, "invalid split", why, im.index, im.line))

@@ -5,12 +5,15 @@ CSV (``.csv``; every cell as text, so ids like ``007`` survive) and parquet (``.
 ``.csv.gz`` are read through gzip (MIMIC ships its tables that way). Each record keeps the line it came
 from (1-based, the header is line 1 of a CSV; ``None`` for parquet and JSON arrays), so every message
 names the line to look at. A line that is not UTF-8, not valid JSON / CSV, or not an object is skipped
-with reason ``malformed line`` and its line number. :func:`hub_records` reads a hub dataset through
+with reason ``malformed line`` and its line number. A UTF-8 byte-order mark (as Excel and Windows
+tools write) is dropped before any format reads the text, so neither the first record nor the first
+column name carries it. :func:`hub_records` reads a hub dataset through
 ``datasets.load_dataset`` (for users who are online); nothing else here touches the network.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -58,13 +61,14 @@ def file_format(path: Path) -> str | None:
 
 
 def _raw_bytes(path: Path) -> bytes:
+    """The file's bytes (gunzipped for ``.gz``), without a UTF-8 byte-order mark."""
     data = path.read_bytes()
     if path.suffix.lower() == ".gz":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as err:
             raise ValueError(f"cannot read {path}: not a valid gzip file ({err})") from err
-    return data
+    return data.removeprefix(codecs.BOM_UTF8)
 
 
 def _bad(line: int, detail: str) -> SkippedRow:

@@ -345,7 +345,7 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
                 f"--device-map {device_map!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file "
                 'mapping module names to devices (e.g. {"model.language_model.layers.0": 0, ...})'
             )
-        device_map = json.loads(path.read_text())
+        device_map = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is fine
     max_memory = parse_max_memory(getattr(args, "max_memory", None))
     if max_memory is not None and device_map is None:
         raise ValueError("--max-memory applies to a model spread with --device-map: add --device-map auto")

@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from analyses.data.schema import ImageSource, QuestionRow, SkippedRow
-from analyses.eval.fingerprint import image_fingerprints, weights_fingerprint
+from analyses.eval.fingerprint import image_fingerprints, runtime_fingerprint, weights_fingerprint
 from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_hash, prediction_record
 from hooks.adapter import VLMAdapter
 from hooks.features import ImageFeatureCache
@@ -297,6 +297,7 @@ def run_meta(
         "eval_config": asdict(cfg),
         "forward_path": forward_path(adapter, rows, cfg),
         "weights": weights_fingerprint(adapter),
+        "runtime": runtime_fingerprint(adapter),
         "images": image_fingerprints(rows, images, progress) if image_hashes is None else image_hashes,
     }
 

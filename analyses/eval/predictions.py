@@ -10,16 +10,27 @@ removal, evaluator config, and content fingerprints of the weights and of every 
 killed run loses at most one batch and resumes where it stopped) and ``skipped.jsonl`` (one line per row
 left out, while loading or scoring: ``row``, ``line``, ``reason``, ``detail``). A folder is only ever
 resumed with the same settings, weights and images: any difference is refused with the differing items
-named, and ``overwrite=True`` starts it afresh. ``meta.json`` is written (atomically) only when the first
+named, and ``overwrite=True`` starts it afresh; what cannot change a prediction (batch size, a moved
+model folder with equal weight hashes) is accepted and listed under ``resumes`` in ``meta.json``.
+
+One process owns a folder at a time: :meth:`RunFolder.start` takes an exclusive ``flock`` on
+``<folder>/.lock`` (held by the open file, so the kernel drops it when the process dies, SIGKILL
+included) and writes the holder's pid, host, start time and command into it; a second run is refused
+with :class:`RunFolderBusy` naming the holder. The lock is released by :meth:`RunFolder.release`, when an
+error leaves :meth:`RunFolder.appender`, or when the ``RunFolder`` is garbage-collected. ``meta.json`` is written (atomically) only when the first
 predictions are, so a run that fails before predicting anything leaves nothing that blocks the next one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +39,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from analyses.data.schema import QuestionRow
-from analyses.eval.fingerprint import compare_meta
+from analyses.eval.fingerprint import accepted_changes, compare_meta
 
 Condition = Literal["image", "removed", "swap_random", "swap_label"]
 #: Conditions a prediction can be made under: the row's own image, the image removed (how is recorded
@@ -42,6 +53,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "split", "condition", "margin", "pred",
 )  # fmt: skip
 META_FILE, PREDICTIONS_FILE, SKIPPED_FILE = "meta.json", "predictions.jsonl", "skipped.jsonl"
+#: The lock file of a run folder (never deleted by ``overwrite``: it is the lock being held).
+LOCK_FILE = ".lock"
 #: Files a run writes into its folder (``overwrite`` deletes exactly these; ``skipped.json`` is the old name).
 RUN_FILES: tuple[str, ...] = (
     META_FILE,
@@ -85,33 +98,97 @@ def prediction_record(row: QuestionRow, condition: str, margin: float, image_id:
     return json.dumps(rec)
 
 
+class RunFolderBusy(ValueError):
+    """Another live process holds the run folder (:attr:`holder`: its pid, host, start time, command)."""
+
+    def __init__(self, folder: Path, holder: dict[str, Any]) -> None:
+        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "since") if holder.get(k))
+        cmd = f" ({holder['command']})" if holder.get("command") else ""
+        super().__init__(
+            f"{folder} is in use by another run: {who or 'a process that has not written its details yet'}"
+            f"{cmd}; wait for it to finish or stop it, or use another --out folder"
+        )
+        self.holder = holder
+
+
 class RunFolder:
-    """A run folder: refuses to mix runs, and appends predictions so that a kill loses at most a batch."""
+    """A run folder: one process at a time, refuses to mix runs, and appends predictions so that a kill
+    loses at most a batch."""
 
     def __init__(self, out_dir: Path | str) -> None:
         self.path = Path(out_dir)
         self.meta_path = self.path / META_FILE
         self.predictions_path = self.path / PREDICTIONS_FILE
         self._pending: dict[str, Any] | None = None
+        self._lock: weakref.finalize | None = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the folder's lock (creating the folder), or raise :class:`RunFolderBusy` naming the holder."""
+        if self._lock is not None and self._lock.alive:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunFolderBusy(self.path, holder) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._lock = weakref.finalize(self, os.close, fd)  # closing the file drops the flock
+
+    def release(self) -> None:
+        """Drop the folder's lock (a no-op if this object does not hold it)."""
+        if self._lock is not None:
+            self._lock()
+            self._lock = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the folder's lock."""
+        return self._lock is not None and self._lock.alive
 
     def start(self, meta: dict[str, Any], overwrite: bool = False) -> None:
-        """Check that the folder holds this run (or nothing), or clear it first with ``overwrite``.
+        """Lock the folder, then check that it holds this run (or nothing), or clear it with ``overwrite``.
 
-        A recorded ``meta.json`` that differs in anything but ``started`` is refused with every differing
-        item named; predictions without a ``meta.json`` are refused too. A new ``meta.json`` is written
-        by :meth:`commit`, when the first predictions are.
+        A recorded ``meta.json`` that differs in anything that can change a prediction is refused with every
+        differing item named; predictions without a ``meta.json`` are refused too; on a refusal the lock is
+        released. A new ``meta.json`` (or, for a resume with other batch size or model folder, the old
+        one with the change listed under ``resumes``) is written by :meth:`commit`, with the first predictions.
         """
+        self.acquire()
+        try:
+            self._check(meta, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def _check(self, meta: dict[str, Any], overwrite: bool) -> None:
         if overwrite:
             self.clear()
         if self.meta_path.exists():
-            diff = compare_meta(json.loads(self.meta_path.read_text()), meta)
+            old = json.loads(self.meta_path.read_text())
+            diff = compare_meta(old, meta)
             if diff:
                 raise ValueError(
                     f"{self.path} holds a different run ({'; '.join(diff)}): resume only with the same model, "
                     "weights, images and settings; pass --overwrite (overwrite=True) to start it afresh, "
                     "deleting its predictions, or use another --out folder"
                 )
+            changed = accepted_changes(old, meta)
             self._pending = None
+            if changed:
+                resume = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}
+                self._pending = {**old, "resumes": [*old.get("resumes", []), resume]}
         elif self.predictions_path.exists() and self.predictions_path.stat().st_size:
             raise ValueError(
                 f"{self.path} holds predictions.jsonl without meta.json, so it cannot be checked: pass "
@@ -154,8 +231,11 @@ class RunFolder:
             app = _Appender(fh, flush_every, self.commit)
             try:
                 yield app
-            finally:
+            except BaseException:
                 app.flush(sync=False)
+                self.release()  # the run is over: a caller holding the traceback must not keep the folder
+                raise
+            app.flush(sync=False)
 
     def write_skipped(self, records: Sequence[dict[str, Any]]) -> None:
         """Write ``skipped.jsonl`` (one line per row left out: ``row``, ``line``, ``reason``, ``detail``, ...).
@@ -185,6 +265,15 @@ class RunFolder:
         if not data.endswith(b"\n"):
             with path.open("r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """What the holder of a lock file wrote into it (empty if it has not yet)."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 class _Appender:

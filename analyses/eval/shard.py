@@ -36,7 +36,14 @@ import torch
 from analyses.data.schema import ImageSource, QuestionRow, SkippedRow
 from analyses.eval.evaluate import EvalConfig, evaluate, plan, run_meta
 from analyses.eval.fingerprint import image_fingerprints
-from analyses.eval.predictions import META_FILE, PREDICTIONS_FILE, RUN_FILES, RunFolder, read_predictions
+from analyses.eval.predictions import (
+    LOCK_FILE,
+    META_FILE,
+    PREDICTIONS_FILE,
+    RUN_FILES,
+    RunFolder,
+    read_predictions,
+)
 from hooks.adapter import VLMAdapter
 from hooks.devices import rank_max_memory
 
@@ -197,19 +204,29 @@ def collectively(dist: Dist, fn: Callable[[], T]) -> T:
     return result
 
 
-def _check_folder(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
-    """Rank 0: the run folder and every shard in it hold this run (or nothing); ``overwrite`` clears them."""
-    RunFolder(out).start(meta, overwrite=overwrite)
-    if overwrite:
-        _clear_shards(out)
-    for folder in shard_dirs(out):
-        RunFolder(folder).start(meta)  # refuses a shard of another run, naming what differs
+def _check_folder(out: Path, meta: dict[str, Any], overwrite: bool) -> RunFolder:
+    """Rank 0: lock the run folder (returned, held until the merge is written) and check that it and every
+    shard in it hold this run (or nothing); ``overwrite`` clears them."""
+    run = RunFolder(out)
+    run.start(meta, overwrite=overwrite)
+    try:
+        for folder in shard_dirs(out):
+            with RunFolder(folder) as shard:  # a shard in use by another run is refused too
+                shard.start(meta, overwrite=overwrite)  # refuses a shard of another run, naming what differs
+        if overwrite:
+            _clear_shards(out)
+    except BaseException:
+        run.release()
+        raise
+    return run
 
 
 def _clear_shards(out: Path) -> None:
-    """Delete the run files of every shard (and the folders left empty); anything else stays."""
+    """Delete the run files of every shard (and the folders left empty); anything else stays.
+
+    Called by the process that holds the lock of ``out``, so no other run is using the shards."""
     for folder in shard_dirs(out):
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, LOCK_FILE):
             (folder / name).unlink(missing_ok=True)
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -253,7 +270,10 @@ def evaluate_sharded(
     cfg = config or EvalConfig()
     out = Path(out_dir)
     if dist.world_size == 1 and (overwrite or not shard_dirs(out)):
-        _clear_shards(out)  # only with overwrite: then every shard goes with the folder's predictions
+        if shard_dirs(out):  # only with overwrite: then every shard goes with the folder's predictions
+            with RunFolder(out) as run:
+                run.acquire()
+                _clear_shards(out)
         return evaluate(adapter, rows, images, out, cfg, progress, max_batches,
                         skipped=skipped, overwrite=overwrite)  # fmt: skip
     if not rows:
@@ -269,14 +289,15 @@ def evaluate_sharded(
             dist, lambda: run_meta(adapter, rows, images, cfg, image_hashes=every) if dist.is_main else {}
         )
     )
-    collectively(dist, lambda: _check_folder(out, meta, overwrite) if dist.is_main else None)
-    done = _done_elsewhere(out, own)  # nobody writes until every rank has read
-    part = Part(mine, meta, done)
-    collectively(dist, lambda: None)
-    collectively(dist, lambda: evaluate(adapter, rows, images, own, cfg, show, max_batches, part=part))
-    if not dist.is_main:
-        return None
-    return merge_shards(out, rows, cfg, [p.record() for p in skipped])
+    held = collectively(dist, lambda: _check_folder(out, meta, overwrite) if dist.is_main else None)
+    with held or RunFolder(own):  # rank 0 holds <out> until its merge is written; every rank its shard
+        done = _done_elsewhere(out, own)  # nobody writes until every rank has read
+        part = Part(mine, meta, done)
+        collectively(dist, lambda: None)
+        collectively(dist, lambda: evaluate(adapter, rows, images, own, cfg, show, max_batches, part=part))
+        if not dist.is_main:
+            return None
+        return merge_shards(out, rows, cfg, [p.record() for p in skipped])
 
 
 def _lines(path: Path) -> list[tuple[tuple[str, str], str]]:
