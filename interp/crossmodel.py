@@ -11,7 +11,9 @@ one) read the same inputs. For every layer L and position class c, the *target* 
 model whose change is confined to known layers must find it there: a sanity check of the tool, and
 on a real fine-tune the map of where it acted. Same :class:`~interp.patching.PatchingConfig` and
 :class:`~interp.patching.PatchingResult` as paraphrase patching (``method="cross_model_patching"``);
-the batched sweep is the same code (:func:`interp.patching.sweep_from`).
+the batched sweep is the same code (:func:`interp.patching.sweep_from`). The noise floor holds both
+models' null patches (the target's run patched into itself, the source's into itself), by the method
+the sweep used; ``dtype`` is the target's (the source's is in ``meta["source_dtype"]``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,21 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooks.batch import Batch
+from hooks.batch_features import batch_features
 from hooks.sites import Site
 from interp.align import plan_positions
-from interp.patching import PatchingConfig, PatchingResult, capture, concat_pairs, pair_blocks, sweep_from
+from interp.floor import null_floor
+from interp.patching import (
+    PatchingConfig,
+    PatchingResult,
+    add_floor,
+    capture,
+    concat_pairs,
+    dtype_name,
+    pair_blocks,
+    sweep_from,
+)
+from interp.sweep import sweep_attention
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -70,9 +84,13 @@ def cross_model_patching(
     layers = config.resolve_layers(target.n_layers)
     plan = plan_positions(batch, batch, config.positions)
     sites = [Site(config.site_kind, layer) for layer in layers]
-    source_acts, m_source = capture(source, batch, sites)
     meta: dict[str, Any] = {"source": source.name, "target": target.name, "positions": config.positions}
-    result = sweep_from(target, batch, plan, layers, source_acts, m_source, config, meta)
+    meta["source_dtype"] = dtype_name(source)
+    with sweep_attention(source.model, config.method), sweep_attention(target.model, config.method):
+        source_acts, m_source = capture(source, batch, sites, image_features=batch_features(source, batch))
+        result = sweep_from(target, batch, plan, layers, source_acts, m_source, config, meta)
+        floor = null_floor(source, batch, layers, config, m_source, result.meta["method"], source_acts)
+    add_floor(result, floor)
     result.method = METHOD
     return result
 

@@ -1,7 +1,13 @@
-"""Plotly figures of patching results and attention maps."""
+"""Plotly figures of patching results and attention maps.
+
+Patching figures mark what the result's noise floor cannot tell from rounding
+(:meth:`interp.patching.PatchingResult.within_floor`, :mod:`interp.floor`): greyed cells in the heatmap,
+a shaded band of +/- the recovery floor around 0 in the recovery profile.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,12 +29,20 @@ def patching_heatmap(
     positions: Sequence[str] | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Layer x position heatmap of mean recovery (diverging colours centred on 0)."""
+    """Layer x position heatmap of mean recovery (diverging colours centred on 0).
+
+    For a :class:`PatchingResult` with a measured floor, the cells within it are greyed by a second
+    trace (``name="within noise floor"``, ``z`` = 1 on those cells, NaN elsewhere) and the title says so.
+    """
+    marked = None
     if isinstance(result, PatchingResult):
         z = result.recovery
         layers = layers if layers is not None else result.layers
         positions = positions if positions is not None else result.positions
         title = title or f"{result.method}: margin recovered, {result.site_kind}"
+        if not math.isnan(result.recovery_floor):
+            marked = floor_cells(result)
+            title += f"<br><sup>grey: within the noise floor, |recovery| <= {floor_words(result)}</sup>"
     else:
         z = result
     z_np = torch.as_tensor(z).float().numpy()
@@ -49,8 +63,36 @@ def patching_heatmap(
             hovertemplate="layer %{y}<br>position %{x}<br>recovery %{z:.3f}<extra></extra>",
         )
     )
+    if marked is not None and marked.any():
+        fig.add_trace(
+            go.Heatmap(
+                z=np.where(marked, 1.0, np.nan),
+                x=positions,
+                y=layers,
+                colorscale=[[0, FLOOR_GREY], [1, FLOOR_GREY]],
+                showscale=False,
+                name="within noise floor",
+                hovertemplate="layer %{y}<br>position %{x}<br>within the noise floor<extra></extra>",
+            )
+        )
     fig.update_layout(title=title or "margin recovered", xaxis_title="position", yaxis_title="layer")
     return fig
+
+
+#: Colour of the cells and the band within a result's noise floor.
+FLOOR_GREY = "rgba(120, 120, 120, 0.8)"
+
+
+def floor_cells(result: PatchingResult) -> np.ndarray:
+    """``(layer, position)`` cells the figures mark: |mean recovery| within the result's recovery floor
+    (:meth:`PatchingResult.within_floor`; none when no floor was measured, never a NaN cell)."""
+    return result.within_floor().numpy()
+
+
+def floor_words(result: PatchingResult) -> str:
+    """The floor as the figures and the report state it: recovery floor, margin floor and dtype."""
+    dtype = result.dtype or "dtype not recorded"
+    return f"{result.recovery_floor:.3g} (margin {result.noise_floor:.2g}, {dtype})"
 
 
 def recovery_line(
@@ -62,7 +104,8 @@ def recovery_line(
     title: str | None = None,
 ) -> go.Figure:
     """Per-layer mean recovery with a bootstrap band (pairs resampled, :func:`interp.stats.mean_bootstrap`),
-    one line per position class."""
+    one line per position class; with a measured floor, a grey band of +/- the recovery floor around 0
+    (``fig.layout.shapes[0]``)."""
     chosen = [positions] if isinstance(positions, str) else list(positions or result.positions)
     missing = [p for p in chosen if p not in result.positions]
     if missing:
@@ -99,12 +142,28 @@ def recovery_line(
             )
         )
         fig.add_trace(go.Scatter(x=result.layers, y=mean, mode="lines+markers", name=p, legendgroup=p))
+    _floor_band(fig, result.recovery_floor)
     fig.update_layout(
         title=title or f"margin recovered per layer ({result.site_kind}, {int(ci * 100)}% bootstrap CI)",
         xaxis_title="layer",
         yaxis_title="margin recovered",
     )
     return fig
+
+
+def _floor_band(fig: go.Figure, floor: float) -> None:
+    """A grey band of +/- ``floor`` around 0 (a layout shape, so the traces keep their order)."""
+    if math.isnan(floor):
+        return
+    fig.add_hrect(
+        y0=-floor,
+        y1=floor,
+        fillcolor=FLOOR_GREY,
+        opacity=0.35,
+        line_width=0,
+        annotation_text=f"noise floor ±{floor:.2g}",
+        annotation_position="top left",
+    )
 
 
 def _gray(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -17,10 +17,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooks.batch import Batch
+from hooks.batch_features import batch_features
 from hooks.sites import resid_post
 
 if TYPE_CHECKING:
-    from hooks.adapter import VLMAdapter
+    from hooks.adapter import ImageFeatures, VLMAdapter
 
 
 @dataclass
@@ -46,8 +47,18 @@ class LensResult:
         )
 
 
-def logit_lens(adapter: VLMAdapter, batch: Batch, layers: Sequence[int] | None = None) -> LensResult:
-    """Decision margin read from ``unembed(resid_post(L)[:, -1])`` for every layer in one forward."""
+def logit_lens(
+    adapter: VLMAdapter,
+    batch: Batch,
+    layers: Sequence[int] | None = None,
+    image_features: ImageFeatures | None = None,
+) -> LensResult:
+    """Decision margin read from ``unembed(resid_post(L)[:, -1])`` for every layer in one forward.
+
+    ``image_features``: features of ``batch``'s rows with an image (e.g. from a
+    :class:`hooks.features.ImageFeatureCache`); by default they are encoded here, a few images per
+    vision pass (:func:`hooks.batch_features.batch_features`), and the text forward reuses them.
+    """
     n = adapter.n_layers
     chosen = list(range(n)) if layers is None else [x + n if x < 0 else x for x in layers]
     bad = [x for x in chosen if not 0 <= x < n]
@@ -63,7 +74,8 @@ def logit_lens(adapter: VLMAdapter, batch: Batch, layers: Sequence[int] | None =
 
     with torch.no_grad():
         with adapter.hooks({resid_post(layer): grab(layer) for layer in chosen}):
-            model_margins = adapter.margins(batch).float().cpu()
+            feats = batch_features(adapter, batch) if image_features is None else image_features
+            model_margins = adapter.margins(batch, image_features=feats).float().cpu()
         lens = torch.stack(
             [adapter.answer_ids.margin(adapter.unembed(finals[layer])).float().cpu() for layer in chosen]
         )

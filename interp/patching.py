@@ -17,7 +17,12 @@ patch writes exactly the value already there are not run at all. ``method="stack
 with one hook per layer that overwrites, row by row, only the positions of that row's variant. Either
 way a sweep costs about ``layers * positions * pairs / max_rows_per_forward`` passes instead of the
 ``layers * positions`` full forwards of :func:`sweep_reference` (the TransformerLens-style loop, kept
-as the reference implementation).
+as the reference implementation). The machinery itself lives in :mod:`interp.sweep`; the resumed
+sweep runs the text stack on eager attention (switched for the call, :mod:`hooks.attn`).
+
+Noise floor (:mod:`interp.floor`): every result also records its compute dtype and the largest margin
+change that null patches (each run patched into itself, same machinery, same dtype) produce; cells
+within it are rounding, not localization (:meth:`PatchingResult.within_floor`).
 
 Position alignment (:func:`interp.align.align_pairs`): ``image`` tokens map by their index within the image block
 and ``final`` is the last position of each prompt, so these two classes patch across prompts of
@@ -30,9 +35,10 @@ paraphrase with another number of tokens has no token-by-token correspondence, s
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Sequence
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -41,7 +47,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooks.attn import text_attn_implementation
 from hooks.batch import Batch
+from hooks.batch_features import batch_features
 from hooks.sites import Site
 from interp.align import (
     EACH,
@@ -50,7 +58,9 @@ from interp.align import (
     check_pairs,
     plan_positions,
 )
-from interp.stack import ResumeUnsupported, StackState, capture_stack, resume
+from interp.floor import NullFloor, floor_layer_subset, largest_change, margin_resolution, null_floor
+from interp.stack import ResumeUnsupported, capture_stack
+from interp.sweep import capture, sweep_attention, sweep_resumed, sweep_stacked
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -83,6 +93,9 @@ class PatchingConfig:
     """``resume``: recompute only the layers from the patched one on and the positions that can see the
     patch (:mod:`interp.stack`); ``stack``: one full forward per row of stacked variants; ``auto``:
     ``resume`` where the model supports it, else ``stack``. All give the same margins (to rounding)."""
+    floor_layers: int | None = 3
+    """Layers (of the swept ones, evenly spaced, first and last included) that get null patches to measure
+    the result's noise floor (:mod:`interp.floor`); ``None``: every swept layer; 0: no floor (NaN)."""
 
     def __post_init__(self) -> None:
         if self.method not in PATCH_METHODS:
@@ -118,6 +131,8 @@ class PatchingConfig:
             raise ValueError(f"max_rows_per_forward must be >= 1, got {self.max_rows_per_forward}")
         if self.min_gap < 0:
             raise ValueError(f"min_gap must be >= 0, got {self.min_gap}")
+        if self.floor_layers is not None and self.floor_layers < 0:
+            raise ValueError(f"floor_layers must be >= 0 or None, got {self.floor_layers}")
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         """Non-negative layer indices, range-checked against the model."""
@@ -136,7 +151,9 @@ class PatchingResult:
     """Patched margins of every (layer, position, pair) and the recovery they imply.
 
     Attribution patching returns the same type with ``patched_margins`` = its linear estimate
-    ``m_corrupt + sum((a_clean - a_corrupt) * grad)`` and ``method="attribution_patching"``.
+    ``m_corrupt + sum((a_clean - a_corrupt) * grad)`` and ``method="attribution_patching"``. Every
+    result records its compute ``dtype`` and a noise floor measured in the same run (:mod:`interp.floor`):
+    cells whose recovery is within it (:meth:`within_floor`) cannot be told from rounding.
     """
 
     site_kind: str
@@ -154,13 +171,20 @@ class PatchingResult:
     min_gap: float = 1e-6
     """Pairs with |clean - corrupt| below this get NaN recovery."""
     n_forwards: int = 0
-    """Forward passes used (clean + corrupt + patched)."""
+    """Forward passes of the sweep (clean + corrupt + patched); the floor's are in ``meta["floor_forwards"]``."""
     n_backwards: int = 0
     """Backward passes used (attribution patching only)."""
     method: str = "activation_patching"
-    """``activation_patching`` or ``attribution_patching``."""
+    """``activation_patching``, ``attribution_patching`` or ``cross_model_patching``."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """Provenance (model name, position spec)."""
+    """Provenance (model name, position spec, sweep method, how the floor was measured)."""
+    dtype: str = ""
+    """Compute dtype of the (target) model's weights: ``float32``, ``bfloat16``, ...; ``""`` = not recorded
+    (results made before it was)."""
+    noise_floor_per_pair: Float[Tensor, " pair"] | None = None
+    """Per pair, the largest |margin change| of the null patches of the same run (clean into clean and
+    corrupt into corrupt through the same machinery, :mod:`interp.floor`; for attribution patching, see
+    :func:`interp.attribution.attribution_patching`); ``None`` = not measured."""
     recovery_per_pair: Float[Tensor, "layer position pair"] = field(init=False)
     """(patched - corrupt) / (clean - corrupt) per pair; NaN for pairs below ``min_gap``."""
     recovery: Float[Tensor, "layer position"] = field(init=False)
@@ -173,6 +197,68 @@ class PatchingResult:
         per = (self.patched_margins - self.corrupt_margins) / safe
         self.recovery_per_pair = torch.where(ok, per, torch.full_like(per, float("nan")))
         self.recovery = _nanmean(self.recovery_per_pair)
+
+    @property
+    def noise_floor(self) -> float:
+        """The largest |margin change| any null patch produced (margin units); NaN if not measured."""
+        f = self.noise_floor_per_pair
+        return float("nan") if f is None or f.isnan().all() else float(f.nan_to_num(nan=0.0).max())
+
+    @property
+    def recovery_floor(self) -> float:
+        """The floor in recovery units: mean over pairs of ``noise_floor / |clean - corrupt|`` (pairs below
+        ``min_gap`` left out), the most rounding can move a cell's mean recovery; NaN if not measured."""
+        gap = (self.clean_margins - self.corrupt_margins).abs()
+        ok = gap >= self.min_gap
+        if math.isnan(self.noise_floor) or not ok.any():
+            return float("nan")
+        return float((self.noise_floor / gap[ok]).mean())
+
+    def within_floor(self, floor: float | None = None) -> Bool[Tensor, "layer position"]:
+        """Cells whose |mean recovery| is at most ``floor`` (default :attr:`recovery_floor`): not told apart
+        from "no effect" at this dtype. All False when no floor was measured; NaN cells are never in it."""
+        floor = self.recovery_floor if floor is None else floor
+        if math.isnan(floor):
+            return torch.zeros(self.recovery.shape, dtype=torch.bool)
+        return self.recovery.abs() <= floor
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result to a safetensors file (tensors + the other fields as JSON metadata)."""
+        tensors = {
+            "patched_margins": self.patched_margins.float().contiguous(),
+            "clean_margins": self.clean_margins.float().contiguous(),
+            "corrupt_margins": self.corrupt_margins.float().contiguous(),
+        }
+        if self.noise_floor_per_pair is not None:
+            tensors["noise_floor_per_pair"] = self.noise_floor_per_pair.float().contiguous()
+        fields = {
+            k: getattr(self, k)
+            for k in ("site_kind", "layers", "positions", "min_gap", "n_forwards", "n_backwards", "method")
+        }
+        record = {**fields, "meta": self.meta, "dtype": self.dtype, "format": RESULT_FORMAT}
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        save_file(tensors, str(path), metadata={"patching_result": json.dumps(record, default=str)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PatchingResult:
+        """Read a file written by :meth:`save`; files written before ``dtype`` and the noise floor were
+        recorded load with ``dtype=""`` and ``noise_floor_per_pair=None``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {})["patching_result"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        record.pop("format", None)
+        return cls(
+            **record,
+            patched_margins=tensors["patched_margins"],
+            clean_margins=tensors["clean_margins"],
+            corrupt_margins=tensors["corrupt_margins"],
+            noise_floor_per_pair=tensors.get("noise_floor_per_pair"),
+        )
 
     def to_frame(self) -> pd.DataFrame:
         """Long table: one row per (layer, position, pair)."""
@@ -194,34 +280,29 @@ class PatchingResult:
         )
 
 
+#: Version of :meth:`PatchingResult.save`'s file layout.
+RESULT_FORMAT = 1
+
+
+def dtype_name(adapter: VLMAdapter) -> str:
+    """``float32``, ``bfloat16``, ...: the dtype of the model's weights (its compute dtype)."""
+    return str(adapter.dtype).removeprefix("torch.")
+
+
 def _nanmean(x: Tensor) -> Tensor:
     n = (~x.isnan()).sum(-1)
     s = torch.nan_to_num(x, nan=0.0).sum(-1)
     return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
 
 
-# ---------------------------------------------------------------------- forwards
-def capture(
-    adapter: VLMAdapter, batch: Batch, sites: Sequence[Site]
-) -> tuple[dict[Site, Float[Tensor, "batch pos d_model"]], Float[Tensor, " batch"]]:
-    """Full activations of ``sites`` (on the model's device) and the margins, one no-grad forward."""
-    acts: dict[Site, Tensor] = {}
-
-    def keep(site: Site):
-        def fn(x: Tensor) -> None:
-            acts[site] = x.detach()
-
-        return fn
-
-    with torch.no_grad(), adapter.hooks({s: keep(s) for s in sites}):
-        m = adapter.margins(batch)
-    return acts, m.float().cpu()
-
-
 def patching_sweep(
     adapter: VLMAdapter, clean: Batch, corrupt: Batch, config: PatchingConfig | None = None
 ) -> PatchingResult:
-    """Batched activation patching over ``config.layers`` x ``config.positions`` for every pair."""
+    """Batched activation patching over ``config.layers`` x ``config.positions`` for every pair.
+
+    The result carries its noise floor: null patches of the corrupted runs (in :func:`sweep_from`) and
+    of the clean runs (here), through the method the sweep used (:mod:`interp.floor`).
+    """
     config = config or PatchingConfig()
     blocks = pair_blocks(len(corrupt), config)
     if len(blocks) > 1:
@@ -235,9 +316,25 @@ def patching_sweep(
     layers = config.resolve_layers(adapter.n_layers)
     plan = plan_positions(clean, corrupt, config.positions)
     sites = [Site(config.site_kind, layer) for layer in layers]
-    clean_acts, m_clean = capture(adapter, clean, sites)
-    meta: dict[str, Any] = {"model": adapter.name, "positions": config.positions}
-    return sweep_from(adapter, corrupt, plan, layers, clean_acts, m_clean, config, meta)
+    with sweep_attention(adapter.model, config.method):
+        clean_acts, m_clean = capture(adapter, clean, sites, image_features=batch_features(adapter, clean))
+        meta: dict[str, Any] = {"model": adapter.name, "positions": config.positions}
+        result = sweep_from(adapter, corrupt, plan, layers, clean_acts, m_clean, config, meta)
+        floor = null_floor(adapter, clean, layers, config, m_clean, result.meta["method"], clean_acts)
+    add_floor(result, floor)
+    return result
+
+
+def add_floor(result: PatchingResult, floor: NullFloor) -> None:
+    """Fold one run's floor into ``result``: per pair the larger of the two runs; ``meta`` keeps the
+    largest null-patch change (``floor_null``) and margin resolution (``floor_resolution``) apart."""
+    mine = result.noise_floor_per_pair
+    result.noise_floor_per_pair = floor.per_pair if mine is None else torch.fmax(mine, floor.per_pair)
+    meta = result.meta
+    meta["floor_forwards"] = meta.get("floor_forwards", 0) + floor.n_passes
+    for key, value in (("floor_null", floor.null), ("floor_resolution", floor.resolution)):
+        if not math.isnan(value):
+            meta[key] = max(meta.get(key, value), value)
 
 
 def pair_blocks(n_pairs: int, config: PatchingConfig) -> list[list[int]]:
@@ -260,27 +357,34 @@ def sweep_from(
 
     Patches ``clean_acts[<kind>(L)]`` into ``adapter``'s run of ``corrupt`` for every layer and position
     class of ``plan``; :func:`patching_sweep` reads them from the same model on another batch,
-    :func:`interp.crossmodel.cross_model_patching` from another model on the same batch.
+    :func:`interp.crossmodel.cross_model_patching` from another model on the same batch. The corrupted
+    images are encoded once (no vision tower per stacked row); unless ``config.method == "stack"`` the
+    text stack runs on eager attention (:func:`interp.sweep.sweep_attention`). The result's floor holds
+    the corrupt-into-corrupt null patches (:func:`interp.floor.null_floor`), same method and dtype.
     """
     sites = [Site(config.site_kind, layer) for layer in layers]
+    feats = batch_features(adapter, corrupt)
     state = None
-    if config.method != "stack":
-        try:
-            state = capture_stack(adapter, corrupt)
-        except ResumeUnsupported as e:
-            if config.method == "resume":
-                raise
-            meta["resume_unsupported"] = str(e)
-    if state is None:
-        patched, m_corrupt, n_forwards = _sweep_stacked(
-            adapter, corrupt, plan, layers, sites, clean_acts, config
-        )
-        meta["method"] = "stack"
-    else:
-        patched, n_forwards, n_skipped = _sweep_resumed(adapter, state, plan, layers, clean_acts, config)
-        m_corrupt = state.margins
-        meta.update(method="resume", skipped_noop=n_skipped)
-    return PatchingResult(
+    with sweep_attention(adapter.model, config.method):
+        if config.method != "stack":
+            try:
+                state = capture_stack(adapter, corrupt, image_features=feats)
+            except ResumeUnsupported as e:
+                if config.method == "resume":
+                    raise
+                meta["resume_unsupported"] = str(e)
+        if state is None:
+            patched, m_corrupt, n_forwards = sweep_stacked(
+                adapter, corrupt, plan, layers, sites, clean_acts, config, feats
+            )
+            meta["method"] = "stack"
+        else:
+            patched, n_forwards, n_skipped = sweep_resumed(adapter, state, plan, layers, clean_acts, config)
+            m_corrupt = state.margins
+            meta.update(method="resume", skipped_noop=n_skipped)
+        meta["attn_implementation"] = text_attn_implementation(adapter.model)
+        floor = null_floor(adapter, corrupt, layers, config, m_corrupt, meta["method"], state=state)
+    result = PatchingResult(
         config.site_kind,
         layers,
         plan.labels,
@@ -290,16 +394,21 @@ def sweep_from(
         config.min_gap,
         n_forwards,
         meta=meta,
+        dtype=dtype_name(adapter),
     )
+    add_floor(result, floor)
+    return result
 
 
 def concat_pairs(parts: list[PatchingResult]) -> PatchingResult:
     """Results of consecutive blocks of pairs as one result (the method and metadata of the first)."""
     first = parts[0]
     meta = dict(first.meta)
-    if "skipped_noop" in meta:
-        meta["skipped_noop"] = sum(p.meta.get("skipped_noop", 0) for p in parts)
+    for key in ("skipped_noop", "floor_forwards"):
+        if key in meta:
+            meta[key] = sum(p.meta.get(key, 0) for p in parts)
     meta["pair_blocks"] = len(parts)
+    floors = [p.noise_floor_per_pair for p in parts]
     return PatchingResult(
         first.site_kind,
         first.layers,
@@ -311,176 +420,9 @@ def concat_pairs(parts: list[PatchingResult]) -> PatchingResult:
         sum(p.n_forwards for p in parts),
         method=first.method,
         meta=meta,
+        dtype=first.dtype,
+        noise_floor_per_pair=None if any(f is None for f in floors) else torch.cat(floors),  # type: ignore[arg-type]
     )
-
-
-def _variants(plan: PositionPlan) -> tuple[Tensor, Tensor, Tensor]:
-    """Variant k = (position column var_p[k], pair var_i[k]); entry_k[e] = the variant of entry e."""
-    valid = plan.valid
-    var_p, var_i = valid.nonzero(as_tuple=True)
-    var_of = torch.full(valid.shape, -1, dtype=torch.long)
-    var_of[var_p, var_i] = torch.arange(len(var_p))
-    return var_p, var_i, var_of[plan.col, plan.pair]
-
-
-def _sweep_stacked(
-    adapter: VLMAdapter,
-    corrupt: Batch,
-    plan: PositionPlan,
-    layers: list[int],
-    sites: list[Site],
-    clean_acts: dict[Site, Tensor],
-    config: PatchingConfig,
-) -> tuple[Tensor, Tensor, int]:
-    """Full forwards of the corrupted rows, variants stacked along the batch, one hook per layer."""
-    with torch.no_grad():
-        m_corrupt = adapter.margins(corrupt).float().cpu()
-    n_forwards = 2
-    var_p, var_i, entry_k = _variants(plan)
-    n_var = len(var_p)
-    total = len(layers) * n_var
-    step = config.max_rows_per_forward
-    patched = torch.full((len(layers), len(plan.labels), len(corrupt)), float("nan"))
-    for start in tqdm(range(0, total, step), disable=not config.progress, desc="patching"):
-        rows = torch.arange(start, min(start + step, total))
-        li, k = rows // n_var, rows % n_var
-        big = corrupt.select(var_i[k].tolist())
-        fns = {}
-        for l_idx in li.unique().tolist():
-            ks = k[li == l_idx]
-            sel = (entry_k >= ks.min()) & (entry_k <= ks.max())
-            local = l_idx * n_var + entry_k[sel] - start
-            act = clean_acts[sites[l_idx]]
-            fns[sites[l_idx]] = _write_fn(
-                local, plan.dst[sel], act[plan.pair[sel].to(act.device), plan.src[sel].to(act.device)]
-            )
-        with torch.no_grad(), adapter.hooks(fns):
-            m = adapter.margins(big).float().cpu()
-        n_forwards += 1
-        patched[li, var_p[k], var_i[k]] = m
-    return patched, m_corrupt, n_forwards
-
-
-def _chunks(
-    layer: Tensor, start: Tensor, seq_len: int, size: int, slack: float = 1.25
-) -> list[tuple[int, int]]:
-    """Consecutive ``[lo, hi)`` row ranges (rows sorted by ``(layer, start)``) to run as one pass each.
-
-    A range never mixes resume layers and holds at most ``size`` rows; it runs from its smallest
-    start, so it grows only while that costs at most ``slack`` times the positions its rows need.
-    """
-    if not len(layer):
-        return []
-    # runs of equal (layer, start), then a greedy merge over runs (whole runs, or pieces of `size`)
-    change = (layer[1:] != layer[:-1]) | (start[1:] != start[:-1])
-    bounds = [0, *(change.nonzero()[:, 0] + 1).tolist(), len(layer)]
-    out: list[tuple[int, int]] = []
-    lo, need = 0, 0
-    for a, b in itertools.pairwise(bounds):
-        width = seq_len - int(start[a])
-        while a < b:
-            take = min(b - a, size - (a - lo))
-            if a > lo:  # extend the open range, or close it and start a new one here
-                padded = (a + take - lo) * (seq_len - int(start[lo]))
-                if layer[a] != layer[lo] or take <= 0 or padded > slack * (need + take * width):
-                    out.append((lo, a))
-                    lo, need = a, 0
-                    continue
-            need += take * width
-            a += take
-    out.append((lo, len(layer)))
-    return out
-
-
-def _write_fn(rows: Tensor, pos: Tensor, values: Tensor):
-    def fn(x: Tensor) -> Tensor:
-        x = x.clone()
-        x[rows.to(x.device), pos.to(x.device)] = values.to(device=x.device, dtype=x.dtype)
-        return x
-
-    return fn
-
-
-def _sweep_resumed(
-    adapter: VLMAdapter,
-    state: StackState,
-    plan: PositionPlan,
-    layers: list[int],
-    clean_acts: dict[Site, Tensor],
-    config: PatchingConfig,
-) -> tuple[Tensor, int, int]:
-    """Each variant resumed from its layer on the positions that can see its patch.
-
-    Returns patched margins, passes run (2 records + resumed chunks) and no-op variants skipped.
-    """
-    kind = config.site_kind
-    n, t = state.n_layers, state.seq_len
-    var_p, var_i, entry_k = _variants(plan)
-    n_var = len(var_p)
-    patched = torch.full((len(layers), len(plan.labels), plan.n_pairs), float("nan"))
-    if n_var == 0:
-        return patched, 2, 0
-    # Where each variant's suffix starts: the earliest position any of its patched positions reaches.
-    reach = state.suffix_start()[plan.pair, plan.dst]
-    s_var = torch.full((n_var,), t, dtype=torch.long).scatter_reduce(0, entry_k, reach, reduce="amin")
-    rows_l, rows_k, rows_from, rows_s, skipped = [], [], [], [], 0
-    for li, layer in enumerate(layers):
-        if kind in ("resid_pre", "resid_post"):
-            act = clean_acts[Site(kind, layer)]
-            src_vals = act[plan.pair.to(act.device), plan.src.to(act.device)]
-            cur = state.hidden[layer + (kind == "resid_post")]
-            dst_vals = cur[plan.pair.to(cur.device), plan.dst.to(cur.device)]
-            same = (src_vals == dst_vals).all(-1).cpu()
-            noop = torch.ones(n_var, dtype=torch.bool).scatter_reduce(0, entry_k, same, reduce="amin")
-        else:
-            noop = torch.zeros(n_var, dtype=torch.bool)
-        from_layer = layer + 1 if kind == "resid_post" else layer
-        keep = (~noop).nonzero()[:, 0]
-        skipped += int(noop.sum())
-        patched[li, var_p[noop], var_i[noop]] = state.margins[var_i[noop]]
-        rows_l.append(torch.full((len(keep),), li))
-        rows_k.append(keep)
-        rows_from.append(torch.full((len(keep),), from_layer))
-        # Only the final position reaches the unembedding from the last layer's output (resid_post)
-        # or from inside it (attn_out / mlp_out of the last layer: their keys/values are untouched).
-        final_only = from_layer == n or (kind in ("attn_out", "mlp_out") and layer == n - 1)
-        rows_s.append(torch.full((len(keep),), t - 1) if final_only else s_var[keep])
-    all_l, all_k, all_from, all_s = (torch.cat(x) for x in (rows_l, rows_k, rows_from, rows_s))
-    order = torch.argsort(all_from * (t + 1) + all_s, stable=True)
-    all_l, all_k, all_from, all_s = all_l[order], all_k[order], all_from[order], all_s[order]
-    chunks = _chunks(all_from, all_s, t, config.max_rows_per_forward)
-    # the entries of variant k are by_variant[first[k] : first[k] + count[k]]
-    by_variant = torch.argsort(entry_k, stable=True)
-    count = torch.bincount(entry_k, minlength=n_var)
-    first = torch.cumsum(count, 0) - count
-    n_passes = 2
-    for lo, hi in tqdm(chunks, disable=not config.progress, desc="patching"):
-        li_c, k_c = all_l[lo:hi], all_k[lo:hi]
-        from_layer, start = int(all_from[lo]), int(all_s[lo:hi].min())
-        pair_rows = var_i[k_c]
-        hidden = state.hidden[from_layer][pair_rows.to(state.hidden[0].device), start:].clone()
-        # this chunk's entries: (local row, local position, clean value)
-        n_e = count[k_c]
-        row_e = torch.repeat_interleave(torch.arange(hi - lo), n_e)
-        within = torch.arange(int(n_e.sum())) - torch.repeat_interleave(torch.cumsum(n_e, 0) - n_e, n_e)
-        e = by_variant[first[k_c][row_e] + within]
-        keep_e = plan.dst[e] >= start  # entries before ``start`` cannot reach the margin
-        row_e, e = row_e[keep_e], e[keep_e]
-        values = hidden.new_empty(len(e), hidden.shape[-1])
-        for li in li_c.unique().tolist():
-            sel = li_c[row_e] == li
-            act = clean_acts[Site(kind, layers[li])]
-            values[sel] = act[plan.pair[e[sel]].to(act.device), plan.src[e[sel]].to(act.device)].to(values)
-        er, pos = row_e, plan.dst[e] - start
-        if kind in ("resid_pre", "resid_post"):
-            hidden[er.to(hidden.device), pos.to(hidden.device)] = values.to(hidden)
-            m = resume(adapter, state, pair_rows, start, from_layer, hidden)
-        else:  # the patch sits inside layer ``from_layer``: write it from a hook on the site
-            with adapter.hooks({Site(kind, from_layer): _write_fn(er, pos, values)}):
-                m = resume(adapter, state, pair_rows, start, from_layer, hidden)
-        n_passes += 1
-        patched[li_c, var_p[k_c], var_i[k_c]] = m
-    return patched, n_passes, skipped
 
 
 # ---------------------------------------------------------------------- reference
@@ -532,12 +474,14 @@ def sweep_reference(
     clean_acts, m_clean = capture(adapter, clean, sites)
     with torch.no_grad():
         m_corrupt = adapter.margins(corrupt).float().cpu()
-    empty = ~masks.any(-1)  # (position, pair): nothing to patch -> NaN, as in the batched sweep
-    patched = torch.empty(len(layers), len(plan.labels), len(corrupt))
-    for li, site in enumerate(tqdm(sites, disable=not config.progress, desc="patching (reference)")):
-        for p in range(len(plan.labels)):
-            m = patch_one(adapter, clean, corrupt, site, masks[p], clean_act=clean_acts[site])
-            patched[li, p] = torch.where(empty[p], torch.full_like(m, float("nan")), m)
+    patched = _reference_loop(adapter, clean, corrupt, sites, masks, clean_acts, config.progress)
+    chosen = floor_layer_subset(layers, config.floor_layers)
+    floors = [
+        _reference_floor(adapter, b, chosen, masks, config, m)
+        for b, m in ((clean, m_clean), (corrupt, m_corrupt))
+    ]
+    floor = torch.fmax(floors[0], floors[1])
+    n_floor = 2 * (1 + len(chosen) * len(plan.labels)) if chosen else 0
     return PatchingResult(
         config.site_kind,
         layers,
@@ -547,5 +491,44 @@ def sweep_reference(
         m_corrupt,
         config.min_gap,
         2 + len(layers) * len(plan.labels),
-        meta={"model": adapter.name, "reference": True},
+        meta={"model": adapter.name, "reference": True, "floor_forwards": n_floor},
+        dtype=dtype_name(adapter),
+        noise_floor_per_pair=floor,
     )
+
+
+def _reference_floor(
+    adapter: VLMAdapter,
+    batch: Batch,
+    layers: list[int],
+    masks: Bool[Tensor, "position batch pos"],
+    config: PatchingConfig,
+    m_ref: Float[Tensor, " batch"],
+) -> Float[Tensor, " batch"]:
+    """:func:`interp.floor.null_floor` by the reference loop: ``batch`` patched into itself at ``layers``."""
+    if not layers:
+        return torch.full((len(batch),), float("nan"))
+    sites = [Site(config.site_kind, layer) for layer in layers]
+    last = Site("resid_post", adapter.n_layers - 1)
+    acts, _ = capture(adapter, batch, [*sites, last])
+    null = _reference_loop(adapter, batch, batch, sites, masks, acts, False)
+    return torch.fmax(largest_change(null, m_ref), margin_resolution(adapter, acts[last][:, -1]))
+
+
+def _reference_loop(
+    adapter: VLMAdapter,
+    clean: Batch,
+    corrupt: Batch,
+    sites: list[Site],
+    masks: Bool[Tensor, "position batch pos"],
+    clean_acts: dict[Site, Tensor],
+    progress: bool,
+) -> Float[Tensor, "layer position pair"]:
+    """One :func:`patch_one` per (site, position class); NaN where a mask has nothing to patch."""
+    empty = ~masks.any(-1)  # (position, pair): nothing to patch -> NaN, as in the batched sweep
+    patched = torch.empty(len(sites), len(masks), len(corrupt))
+    for li, site in enumerate(tqdm(sites, disable=not progress, desc="patching (reference)")):
+        for p in range(len(masks)):
+            m = patch_one(adapter, clean, corrupt, site, masks[p], clean_act=clean_acts[site])
+            patched[li, p] = torch.where(empty[p], torch.full_like(m, float("nan")), m)
+    return patched

@@ -18,6 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooks.batch import Batch
+from hooks.batch_features import batch_features
+from hooks.grad import frozen_parameters
 from hooks.sites import Site
 from interp.sae import FeatureRef, LoadedSAE, Position
 
@@ -151,12 +153,14 @@ def flip_rate_change(
 
 
 # ---------------------------------------------------------------------- attribution and patching
-def _read(adapter: VLMAdapter, sae: LoadedSAE, batch: Batch, pos: int) -> tuple[Tensor, Tensor]:
+def _read(
+    adapter: VLMAdapter, sae: LoadedSAE, batch: Batch, pos: int, feats: list[Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Site activation at ``pos`` (on the SAE's device and dtype) and the margins, one no-grad forward."""
-    from interp.patching import capture
+    from interp.sweep import capture
 
     site = sae.require_site(adapter)
-    acts, m = capture(adapter, batch, [site])
+    acts, m = capture(adapter, batch, [site], image_features=feats)
     return acts[site][:, pos].to(sae.sae.device, sae.W_dec.dtype), m
 
 
@@ -174,30 +178,20 @@ def _pair_runs(adapter: VLMAdapter, sae: LoadedSAE, batch_orig: Batch, batch_par
         raise ValueError(
             f"{len(batch_orig)} original rows vs {len(batch_para)} paraphrase rows; pair them 1:1"
         )
-    x_o, m_o = _read(adapter, sae, batch_orig, pos)
-    x_p, m_p = _read(adapter, sae, batch_para, pos)
+    x_o, m_o = _read(adapter, sae, batch_orig, pos, batch_features(adapter, batch_orig))
+    feats_p = batch_features(adapter, batch_para)  # SAE sites are text sites: the tower runs once
+    x_p, m_p = _read(adapter, sae, batch_para, pos, feats_p)
     with torch.no_grad():
         f_o, f_p = sae.encode(x_o), sae.encode(x_p)
         e_o, e_p = x_o - sae.decode(f_o), x_p - sae.decode(f_p)
-    return x_o, x_p, f_o, f_p, e_o, e_p, m_o, m_p
+    return x_o, x_p, f_o, f_p, e_o, e_p, m_o, m_p, feats_p
 
 
-@contextmanager
-def _frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad for the block, so the graph starts at the patched site."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _margins_with(adapter: VLMAdapter, site: Site, batch: Batch, pos: int, value: Tensor) -> Tensor:
+def _margins_with(
+    adapter: VLMAdapter, site: Site, batch: Batch, pos: int, value: Tensor, feats: list[Tensor] | None
+) -> Tensor:
     with torch.no_grad(), adapter.hooks({site: _replace(pos, value)}):
-        return adapter.margins(batch).float().cpu()
+        return adapter.margins(batch, image_features=feats).float().cpu()
 
 
 @dataclass
@@ -274,23 +268,25 @@ def feature_attribution(
     w.r.t. ``f(a)`` and ``err(a)``: ``integrated_gradients`` averages the gradient over ``steps``
     midpoints ``a`` in (0, 1) (``steps`` forward + backward passes of ``batch_para``); ``grad_x_delta``
     takes it once at ``a = 1`` (the unmodified paraphrase run). Attribution = gradient x (para - orig).
+    The paraphrases' images are encoded once for every step, and no parameter of the model or the SAE
+    requires grad during the backward passes (:func:`hooks.grad.frozen_parameters`, restored after).
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method must be one of {ATTRIBUTION_METHODS}, got {method!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     site, pos = sae.require_site(adapter), position_index(position)
-    x_o, _, f_o, f_p, e_o, e_p, m_o, m_p = _pair_runs(adapter, sae, batch_orig, batch_para, pos)
+    x_o, _, f_o, f_p, e_o, e_p, m_o, m_p, feats = _pair_runs(adapter, sae, batch_orig, batch_para, pos)
     df, de = f_p - f_o, e_p - e_o
     alphas = [1.0] if method == "grad_x_delta" else [(k + 0.5) / steps for k in range(steps)]
     attr_f, attr_e = torch.zeros_like(f_o), torch.zeros(len(f_o), dtype=f_o.dtype, device=f_o.device)
     for a in tqdm(alphas, disable=not progress, desc="feature attribution"):
         f = (f_o + a * df).requires_grad_(True)
         e = (e_o + a * de).requires_grad_(True)
-        with torch.enable_grad(), _frozen(adapter.model):
+        with torch.enable_grad(), frozen_parameters(adapter.model, sae.sae):
             value = sae.decode(f) + e
             with adapter.hooks({site: _replace(pos, value)}):
-                m = adapter.margins(batch_para, grad=True)
+                m = adapter.margins(batch_para, grad=True, image_features=feats)
             g_f, g_e = torch.autograd.grad(m.sum(), (f, e))
         attr_f += g_f * df
         attr_e += (g_e * de).sum(-1)
@@ -303,7 +299,7 @@ def feature_attribution(
         f_para=f_p.float().cpu(),
         m_orig=m_o,
         m_para=m_p,
-        m_base=_margins_with(adapter, site, batch_para, pos, x_o),
+        m_base=_margins_with(adapter, site, batch_para, pos, x_o, feats),
         method=method,
         steps=n,
         position=pos,
@@ -432,10 +428,10 @@ def feature_patch(
     (``- (err_para - err_orig)`` as well with ``include_error``; all features + error gives ``x_orig``).
     """
     site, pos, idx = sae.require_site(adapter), position_index(position), sae.indices(features)
-    _, x_p, f_o, f_p, e_o, e_p, m_o, m_p = _pair_runs(adapter, sae, batch_orig, batch_para, pos)
+    _, x_p, f_o, f_p, e_o, e_p, m_o, m_p, feats = _pair_runs(adapter, sae, batch_orig, batch_para, pos)
     with torch.no_grad():
         delta = feature_delta(sae, f_o, f_p, idx)
         if include_error:
             delta = delta + (e_p - e_o)
-    m_patched = _margins_with(adapter, site, batch_para, pos, x_p - delta)
+    m_patched = _margins_with(adapter, site, batch_para, pos, x_p - delta, feats)
     return FeaturePatch(tuple(idx.tolist()), include_error, m_o, m_p, m_patched, min_gap)

@@ -16,7 +16,9 @@ Supported: text layers called as ``layer(hidden, attention_mask=..., position_em
 position_ids=..., past_key_values=...)`` whose attention calls ``past_key_values.update(k, v,
 layer_idx)`` (Gemma3, Llama/Mistral in transformers 5: LLaVA and LLaVA-NeXT; Qwen2.5-VL, whose 3-D
 rotary positions reach the layers as per-position ``position_embeddings`` (cos, sin) and slice like
-any other), with a materialised (eager) attention mask. Anything else raises
+any other), with a materialised 4-D attention mask: :func:`capture_stack` and :func:`resume` run the
+text stack on eager attention for the call (:func:`hooks.attn.attention_implementation`; an ``sdpa``
+model gets its implementation back on exit, the vision tower is never switched). Anything else raises
 :class:`ResumeUnsupported`, and callers fall back to full forwards.
 """
 
@@ -30,6 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hooks.attn import attention_implementation
 from hooks.batch import Batch
 from hooks.devices import execution_devices
 
@@ -170,20 +173,31 @@ def _check_kwargs(layer: int, kwargs: dict[str, Any]) -> None:
         )
     if not isinstance(kwargs.get("attention_mask"), Tensor):
         raise ResumeUnsupported(
-            f"text layer {layer} got no materialised attention mask; load the model with "
-            "attn_implementation='eager' to resume forwards on a suffix"
+            f"text layer {layer} got no materialised attention mask, even on eager attention; "
+            "this architecture cannot be resumed on a suffix"
         )
     if kwargs.get("past_key_values") is not None:
         raise ResumeUnsupported("the recorded forward used a KV cache; record with use_cache=False")
 
 
-def capture_stack(adapter: VLMAdapter, batch: Batch, image_features: Tensor | None = None) -> StackState:
+def capture_stack(
+    adapter: VLMAdapter, batch: Batch, image_features: Sequence[Tensor] | Tensor | None = None
+) -> StackState:
     """Record ``batch``'s run through the text stack (one HF forward + one resumed full pass).
 
     The HF forward supplies layer 0's input and each layer's keyword arguments; the stack is then run
     again through :func:`resume`'s path with a recording cache, and its margins are checked against
-    the HF forward's (so a model this module does not understand fails loudly, not silently).
+    the HF forward's (so a model this module does not understand fails loudly, not silently). Both run
+    on eager attention in the text stack; ``image_features`` (of ``batch``'s rows with an image, e.g.
+    :func:`hooks.batch_features.batch_features`) skip the vision tower.
     """
+    with attention_implementation(adapter.model, "eager"):
+        return _capture_stack(adapter, batch, image_features)
+
+
+def _capture_stack(
+    adapter: VLMAdapter, batch: Batch, image_features: Sequence[Tensor] | Tensor | None
+) -> StackState:
     spread = execution_devices(adapter.model)
     if len(spread) > 1:  # records and indices would sit on one device, the layers on several
         raise ResumeUnsupported(
@@ -281,7 +295,7 @@ def resume(
     dev = state.hidden[0].device
     idx_d = idx.to(dev)
     h = hidden
-    with torch.no_grad():
+    with torch.no_grad(), attention_implementation(adapter.model, "eager"):
         cache = _PrefixKV(
             {
                 i: (state.keys[i][idx_d, :, :start], state.values[i][idx_d, :, :start])

@@ -77,6 +77,11 @@ def test_methods_agree_and_resid_post_at_all_positions_restores(adapter: VLMAdap
     whole = cross_model_patching(adapter, target, batch, PatchingConfig(positions=("final",)))
     torch.testing.assert_close(blocks.patched_margins, whole.patched_margins, atol=1e-5, rtol=1e-5)
     assert blocks.method == "cross_model_patching" and blocks.meta["pair_blocks"] == 2
+    # both models' null patches, same method and dtype: rounding only in fp32
+    for res in (*runs, blocks, whole):
+        assert res.dtype == "float32" and res.meta["source_dtype"] == "float32"
+        assert res.noise_floor_per_pair is not None and res.noise_floor_per_pair.shape == (len(batch),)
+        assert 0 <= res.noise_floor <= 1e-5 and res.meta["floor_forwards"] > 0
 
 
 def test_patch_components_jointly(adapter: VLMAdapter) -> None:

@@ -3,6 +3,7 @@ scores, figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from interp import (
     token_grids,
 )
 from interp.cache import _left_pad, merge_parts
-from interp.patching import capture
+from interp.patching import PatchingResult, capture
 from interp.stats import mean_bootstrap
 from tests.conftest import random_images
 
@@ -553,3 +554,139 @@ def test_image_feature_cache_equals_the_model_encoding(adapter: VLMAdapter) -> N
     inputs = adapter.image_inputs([imgs[1]])
     assert set(inputs) == set(adapter.spec.inputs.image_keys)
     torch.testing.assert_close(cache.get("b", imgs[1]), adapter.image_features(inputs)[0])
+
+
+# ---------------------------------------------------------------------- gradient paths and the noise floor
+def _mixed_flags(model: torch.nn.Module) -> dict[str, bool]:
+    """Every other parameter requires grad (as a partly fine-tuned model): the flags to restore."""
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 2 == 0)
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def _flags(model: torch.nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def test_attribution_freezes_parameters_and_restores_them(
+    gemma3_adapter: VLMAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = gemma3_adapter
+    clean, corrupt = image_pairs(adapter, 2)
+    cfg = PatchingConfig(site_kind="resid_post", layers=(1,), positions=("image", "final"))
+    before = _mixed_flags(adapter.model)
+    try:
+        want = attribution_patching(adapter, clean, corrupt, cfg)
+        assert _flags(adapter.model) == before
+        seen: list[bool] = []
+        plain_margins = adapter.margins
+
+        def spy(batch: Batch, grad: bool = False, image_features=None) -> Tensor:  # type: ignore[no-untyped-def]
+            if grad:  # inside the gradient pass: no parameter requires grad, no vision tower runs
+                seen.append(any(p.requires_grad for p in adapter.model.parameters()))
+                assert image_features is not None
+                raise RuntimeError("planted failure in the gradient pass")
+            return plain_margins(batch, grad, image_features)
+
+        with monkeypatch.context() as mp, pytest.raises(RuntimeError, match="planted failure"):
+            mp.setattr(adapter, "margins", spy)
+            attribution_patching(adapter, clean, corrupt, cfg)
+        assert seen == [False] and _flags(adapter.model) == before
+    finally:
+        for p in adapter.model.parameters():
+            p.requires_grad_(True)
+    # same numbers with every parameter requiring grad (the tiny models' default) and with half of them
+    again = attribution_patching(adapter, clean, corrupt, cfg)
+    torch.testing.assert_close(again.patched_margins, want.patched_margins, atol=0, rtol=0)
+
+
+def test_frozen_parameters_restores_exactly() -> None:
+    from hooks.grad import frozen_parameters
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    a.bias.requires_grad_(False)
+    shared = torch.nn.Sequential(a, a, b)  # a parameter reached twice is handled once
+    with pytest.raises(ValueError, match="inside"), frozen_parameters(shared, None, b):
+        assert not any(p.requires_grad for p in shared.parameters())
+        raise ValueError("inside")
+    assert [p.requires_grad for p in (a.weight, a.bias, b.weight, b.bias)] == [True, False, True, True]
+
+
+def test_noise_floor_is_recorded_with_the_dtype(adapter: VLMAdapter) -> None:
+    clean, corrupt = image_pairs(adapter)
+    cfg = PatchingConfig(site_kind="attn_out", positions=("image", "final"), floor_layers=2)
+    res = patching_sweep(adapter, clean, corrupt, cfg)
+    assert res.dtype == "float32" and res.noise_floor_per_pair is not None
+    assert res.noise_floor_per_pair.shape == (3,) and 0 <= res.noise_floor <= 1e-5
+    assert res.meta["floor_forwards"] > 0 and res.meta["floor_resolution"] <= res.noise_floor
+    gap = (res.clean_margins - res.corrupt_margins).abs()
+    assert res.recovery_floor == pytest.approx(float((res.noise_floor / gap).mean()))
+    ref = sweep_reference(adapter, clean, corrupt, cfg)
+    assert ref.dtype == "float32" and 0 <= ref.noise_floor <= 1e-5
+    attr = attribution_patching(adapter, clean, corrupt, cfg)
+    assert attr.dtype == "float32" and 0 <= attr.noise_floor <= 1e-5
+    off = patching_sweep(adapter, clean, corrupt, PatchingConfig(positions="final", floor_layers=0))
+    assert np.isnan(off.noise_floor) and not off.within_floor().any()
+    blocks = patching_sweep(adapter, clean, corrupt, PatchingConfig(positions="final", pair_block=2))
+    assert blocks.noise_floor_per_pair is not None and blocks.noise_floor_per_pair.shape == (3,)
+
+
+def test_noise_floor_grows_in_bfloat16() -> None:
+    from tests.conftest import make_adapter
+
+    adapter = make_adapter("gemma3")
+    clean, corrupt = image_pairs(adapter, 2)
+    cfg = PatchingConfig(site_kind="resid_post", positions=("image", "final"))
+    fp32 = patching_sweep(adapter, clean, corrupt, cfg)
+    adapter.model.to(torch.bfloat16)
+    for method in ("resume", "stack"):
+        bf16 = patching_sweep(adapter, clean, corrupt, dataclasses.replace(cfg, method=method))
+        assert bf16.dtype == "bfloat16" and bf16.meta["method"] == method
+        # bf16 keeps ~3 significant digits of each logit: the floor is orders above fp32's
+        assert bf16.noise_floor > 100 * max(fp32.noise_floor, 1e-8) and bf16.noise_floor > 1e-4
+    attr = attribution_patching(adapter, clean, corrupt, cfg)
+    assert attr.dtype == "bfloat16" and attr.noise_floor > 1e-4
+
+
+def _floor_case() -> PatchingResult:
+    """2 layers x 3 positions x 2 pairs; clean 2, corrupt 0 (gap 2); floor 0.1 margin = 0.05 recovery."""
+    rec = torch.tensor([[0.0, 0.05, -0.04], [0.051, float("nan"), 0.9]])
+    patched = (rec * 2.0)[:, :, None].expand(2, 3, 2).clone()
+    return PatchingResult("resid_post", [0, 1], ["image", "question", "final"], patched, torch.full((2,), 2.0),
+                          torch.zeros(2), dtype="bfloat16", noise_floor_per_pair=torch.tensor([0.1, 0.02]))  # fmt: skip
+
+
+def test_cells_within_the_floor_by_hand() -> None:
+    res = _floor_case()
+    assert res.noise_floor == pytest.approx(0.1) and res.recovery_floor == pytest.approx(0.05)
+    want = np.array([[True, True, True], [False, False, False]])  # 0.051 is out, NaN never in
+    np.testing.assert_array_equal(res.within_floor().numpy(), want)
+    np.testing.assert_array_equal(res.within_floor(0.0).numpy(), [[True, False, False], [False] * 3])
+    fig = patching_heatmap(res)
+    assert [t.name for t in fig.data][1] == "within noise floor" and "noise floor" in fig.layout.title.text
+    np.testing.assert_array_equal(~np.isnan(np.asarray(fig.data[1].z, dtype=float)), want)
+    line = recovery_line(res, "final", n_boot=50)
+    band = line.layout.shapes[0]
+    assert (band.y0, band.y1) == pytest.approx((-0.05, 0.05)) and len(line.data) == 3
+    res.noise_floor_per_pair = None  # nothing measured: nothing marked, no band
+    assert len(patching_heatmap(res).data) == 1 and not recovery_line(res, "final", n_boot=50).layout.shapes
+
+
+def test_patching_result_save_and_load(tmp_path: Path) -> None:
+    res = _floor_case()
+    res.meta = {"model": "tiny", "positions": ["image", "final"]}
+    back = PatchingResult.load(res.save(tmp_path / "r.safetensors"))
+    assert (back.dtype, back.layers, back.positions) == (res.dtype, res.layers, res.positions)
+    assert back.meta == res.meta and back.method == res.method
+    torch.testing.assert_close(back.noise_floor_per_pair, res.noise_floor_per_pair)
+    torch.testing.assert_close(back.patched_margins, res.patched_margins, equal_nan=True)
+    np.testing.assert_array_equal(back.within_floor().numpy(), res.within_floor().numpy())
+    # a file written before the dtype and the floor were recorded still loads
+    with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
+        record = json.loads(f.metadata()["patching_result"])
+        tensors = {k: f.get_tensor(k) for k in ("patched_margins", "clean_margins", "corrupt_margins")}
+    record.pop("dtype")
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"patching_result": json.dumps(record)})
+    old = PatchingResult.load(tmp_path / "old.safetensors")
+    assert old.dtype == "" and old.noise_floor_per_pair is None and np.isnan(old.noise_floor)
+    torch.testing.assert_close(old.recovery, res.recovery, equal_nan=True)

@@ -252,6 +252,15 @@ def test_localization_section_has_heatmap_profile_and_sae_table() -> None:
     assert (
         html.count("plotly-graph-div") == 2 and "resid_post(3)#41" in html and "SAE error share 0.100" in html
     )
+    assert "No noise floor was recorded" in html
+    floored = _patching()
+    floored.noise_floor_per_pair, floored.dtype = torch.full((4,), 0.3), "bfloat16"  # 0.15 in recovery
+    html = localization_section(floored, approx, n_boot=20)
+    assert "moved margins by up to 0.3, i.e. 0.15 in recovery" in html and "in bfloat16" in html
+    assert "3 of 6 cells are within it" in html and "--dtype float32" not in html  # 1.0 > 3 floors
+    weak = _patching(scale=0.4)
+    weak.noise_floor_per_pair, weak.dtype = torch.full((4,), 0.3), "bfloat16"
+    assert "<code>--dtype float32</code>" in localization_section(weak, n_boot=20)  # 0.4 <= 3 x 0.15
     with pytest.raises(ValueError, match="no position 'final'"):
         bad = PatchingResult("attn_out", [0, 1, 2], ["image", "question"], res.patched_margins,
                              res.clean_margins, res.corrupt_margins)  # fmt: skip

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor
 
 from hooks.adapter import AdapterConfig, VLMAdapter
+from hooks.attn import attention_implementation, attn_state, text_attn_implementation
 from hooks.inputs import Removal
 from hooks.sites import resid_post
 from hooks.tiny import build_word_tokenizer, tiny_llava
-from interp import PatchingConfig, ResumeUnsupported, StackState, capture_stack, patching_sweep, resume
+from interp import PatchingConfig, StackState, capture_stack, patching_sweep, resume
 from interp.patching import capture
 from tests.conftest import WORDS, random_images
 
@@ -28,11 +31,14 @@ def batch_of(adapter: VLMAdapter, questions: list[str], seed: int = 3):
 def test_record_matches_the_model(adapter: VLMAdapter) -> None:
     batch = batch_of(adapter, [Q, "Is there an enlarged heart?", "Is there effusion?"])
     state = capture_stack(adapter, batch)
-    assert torch.equal(state.margins, adapter.margins(batch).float().cpu())
+    with attention_implementation(adapter.model, "eager"):  # the record runs the text stack on eager
+        assert torch.equal(state.margins, adapter.margins(batch).float().cpu())
+    torch.testing.assert_close(state.margins, adapter.margins(batch).float().cpu(), atol=1e-6, rtol=0)
     assert len(state.hidden) == adapter.n_layers + 1 == len(state.keys) + 1
     acts, _ = capture(adapter, batch, [resid_post(i) for i in range(adapter.n_layers)])
+    real = batch.attention_mask  # padding rows differ between eager and sdpa; nothing reads them
     for i in range(adapter.n_layers):
-        torch.testing.assert_close(state.hidden[i + 1], acts[resid_post(i)], atol=1e-6, rtol=0)
+        torch.testing.assert_close(state.hidden[i + 1][real], acts[resid_post(i)][real], atol=1e-5, rtol=0)
     b, t = len(batch), batch.seq_len
     assert state.keys[0].shape[0] == b and state.keys[0].shape[2] == t
     assert state.allowed.shape == (b, t, t)
@@ -114,21 +120,33 @@ def test_clean_into_clean_skips_every_variant(adapter: VLMAdapter) -> None:
     assert torch.equal(res.patched_margins[valid], res.corrupt_margins.expand_as(res.patched_margins)[valid])
 
 
-def test_sdpa_model_falls_back_to_full_forwards() -> None:
+def test_sdpa_model_resumes_on_eager_and_gets_sdpa_back() -> None:
+    """An sdpa-loaded model: the resumed sweep switches its text stack to eager for the call (the record
+    reproduces the sdpa full forward's margins) and leaves every implementation as it was."""
     tok = build_word_tokenizer(WORDS, "llava")
     model, proc = tiny_llava(tok, attn_implementation="sdpa")
     adapter = VLMAdapter(model, proc, AdapterConfig(expected_image_size=32), name="tiny-llava-sdpa")
+    before = attn_state(model.config)
+    assert text_attn_implementation(model) == "sdpa"
     imgs = random_images(2, 32, seed=4)
     clean = adapter.prepare(imgs, [Q, Q])
     corrupt = adapter.prepare(adapter.removed(imgs, Removal("gray")), [Q, Q])
-    with pytest.raises(ResumeUnsupported, match="attn_implementation='eager'"):
-        patching_sweep(adapter, clean, corrupt, PatchingConfig(method="resume"))
-    auto = patching_sweep(adapter, clean, corrupt, PatchingConfig(positions=("image", "final")))
-    assert auto.meta["method"] == "stack" and "eager" in auto.meta["resume_unsupported"]
-    stack = patching_sweep(
-        adapter, clean, corrupt, PatchingConfig(positions=("image", "final"), method="stack")
-    )
-    assert torch.equal(auto.patched_margins, stack.patched_margins)
+    state = capture_stack(adapter, corrupt)
+    assert attn_state(model.config) == before
+    full = adapter.margins(corrupt).float().cpu()  # sdpa, vision tower in the forward
+    torch.testing.assert_close(state.margins, full, atol=1e-5, rtol=0)
+    t = state.seq_len
+    torch.testing.assert_close(resume(adapter, state, [1, 0], t // 2, 1, state.hidden[1][[1, 0], t // 2 :]),
+                               full[[1, 0]], atol=1e-5, rtol=0)  # fmt: skip
+    cfg = PatchingConfig(positions=("image", "final"))
+    resumed = patching_sweep(adapter, clean, corrupt, dataclasses.replace(cfg, method="resume"))
+    assert resumed.meta["method"] == "resume" and resumed.meta["attn_implementation"] == "eager"
+    assert attn_state(model.config) == before
+    stack = patching_sweep(adapter, clean, corrupt, dataclasses.replace(cfg, method="stack"))
+    assert stack.meta["attn_implementation"] == "sdpa"
+    torch.testing.assert_close(resumed.patched_margins, stack.patched_margins, atol=1e-5, rtol=0)
+    torch.testing.assert_close(resumed.corrupt_margins, full, atol=1e-5, rtol=0)
+    assert attn_state(model.config) == before
 
 
 def test_resume_argument_errors(gemma3_adapter: VLMAdapter) -> None:
@@ -147,7 +165,7 @@ def test_resume_argument_errors(gemma3_adapter: VLMAdapter) -> None:
 
 
 def test_chunks_never_mix_layers_and_bound_waste() -> None:
-    from interp.patching import _chunks
+    from interp.sweep import chunks as _chunks
 
     layer = torch.tensor([1, 1, 1, 1, 2, 2])
     start = torch.tensor([0, 0, 1, 16, 3, 3])

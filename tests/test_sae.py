@@ -496,3 +496,41 @@ def test_clamp_to_original_and_score_feature(
     assert np.isnan(dead.cosine) and not dead.switches_on
     with pytest.raises(ValueError, match="attribution covers"):
         score_feature(a, last_sae, ALIVE, (orig.select([0, 1]), para.select([0, 1])), attribution=attr)
+
+
+def test_feature_attribution_freezes_and_restores_requires_grad(
+    gemma3_adapter: VLMAdapter,
+    pairs: tuple[Batch, Batch],
+    last_sae: LoadedSAE,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Model and SAE parameters: off during the backward passes, each back to its own flag after (also
+    when a pass raises); the attribution is the same whatever the flags were."""
+    orig, para = pairs
+    modules = (gemma3_adapter.model, last_sae.sae)
+    params = [p for m in modules for p in m.parameters()]
+    before = [p.requires_grad for p in params]
+    want = feature_attribution(gemma3_adapter, last_sae, orig, para, method="grad_x_delta")
+    try:
+        for i, p in enumerate(params):
+            p.requires_grad_(i % 3 == 0)
+        mixed = [p.requires_grad for p in params]
+        got = feature_attribution(gemma3_adapter, last_sae, orig, para, method="grad_x_delta")
+        assert [p.requires_grad for p in params] == mixed
+        torch.testing.assert_close(got.features, want.features, atol=0, rtol=0)
+        seen: list[bool] = []
+        plain = gemma3_adapter.margins
+
+        def spy(batch: Batch, grad: bool = False, image_features=None) -> Tensor:  # type: ignore[no-untyped-def]
+            if grad:
+                seen.append(any(p.requires_grad for p in params) or image_features is None)
+                raise RuntimeError("planted failure in the backward pass")
+            return plain(batch, grad, image_features)
+
+        with monkeypatch.context() as mp, pytest.raises(RuntimeError, match="planted failure"):
+            mp.setattr(gemma3_adapter, "margins", spy)
+            feature_attribution(gemma3_adapter, last_sae, orig, para, steps=2)
+        assert seen == [False] and [p.requires_grad for p in params] == mixed
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)

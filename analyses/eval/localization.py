@@ -3,7 +3,9 @@
 From an activation-patching result (:class:`interp.patching.PatchingResult`): the layer x position
 heatmap of mean recovery, the per-layer recovery profile at the position that carries the flip with
 an attribution estimate overlaid (an attribution-patching result or :class:`interp.scores.LayerScores`),
-and the SAE features that account for the margin shift (:func:`interp.sae_attr.top_features`).
+and the SAE features that account for the margin shift (:func:`interp.sae_attr.top_features`). The
+result's noise floor (:mod:`interp.floor`) is greyed in the heatmap, shaded in the profile and stated in
+words (:func:`floor_note`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,38 @@ def sae_table(features: pd.DataFrame, k: int = 15) -> str:
     return table(list(SAE_COLUMNS.values()), rows) + f"<p class='note'>Top {len(rows)} features{extra}.</p>"
 
 
+#: Effects within this many floors call for a float32 rerun (``docs/metrics.md``, "Noise floor").
+FEW_FLOORS = 3.0
+
+
+def floor_note(patching: PatchingResult) -> str:
+    """The result's noise floor in words (``docs/metrics.md``, "Noise floor"), or that none was recorded;
+    with the advice to rerun in float32 when the largest effect is within :data:`FEW_FLOORS` floors."""
+    floor, rec_floor = patching.noise_floor, patching.recovery_floor
+    dtype = patching.dtype or "an unrecorded dtype"
+    if math.isnan(floor):
+        return (
+            "<p class='note'>No noise floor was recorded with this result (made before floors were "
+            "measured, or with <code>floor_layers=0</code>): differences of rounding size cannot be told "
+            "from effects.</p>"
+        )
+    n_in = int(patching.within_floor().sum())
+    n_cells = int((~patching.recovery.isnan()).sum())
+    text = (
+        f"Noise floor, measured in the same run in {esc(dtype)}: null patches (each run patched into "
+        f"itself through the same machinery) moved margins by up to {floor:.2g}, i.e. "
+        f"{rec_floor:.2g} in recovery. {n_in} of {n_cells} cells are within it (grey in the "
+        "heatmap, the shaded band in the profile): those are not told apart from no effect."
+    )
+    top = float(np.nanmax(np.abs(patching.recovery.numpy()))) if n_cells else float("nan")
+    if dtype != "float32" and math.isfinite(top) and top <= FEW_FLOORS * rec_floor:
+        text += (
+            f" The largest effect ({fmt_num(top, 3)}) is within {FEW_FLOORS:g} floors: rerun with "
+            "<code>--dtype float32</code> before reading this map."
+        )
+    return f"<p class='note'>{text}</p>"
+
+
 def localization_section(
     patching: PatchingResult,
     attribution: PatchingResult | LayerScores | None = None,
@@ -124,6 +158,7 @@ def localization_section(
         f"{patching.n_forwards:,} forward passes.</p>",
         figure_div(heat, heatmap_height(len(patching.layers))),
         figure_div(recovery_profile_figure(patching, attribution, position, n_boot, seed), 400),
+        floor_note(patching),
     ]
     if sae_features is not None:
         parts += ["<h3>SAE features behind the margin shift</h3>", sae_table(sae_features)]
