@@ -76,12 +76,17 @@ def test_psf_med_file_with_mimic_jpgs_end_to_end(
     assert preds.groupby("condition").size().to_dict() == counts
     assert set(preds["family"]) == {"original", "lexical", "syntactic", "scope", "operator"}
     skipped = _lines(out / "skipped.jsonl")
-    assert [(s["row"], s["line"], s["reason"]) for s in skipped] == [
+    assert [(s["row"], s["line"], s["reason"]) for s in skipped[:4]] == [
         ("line 7", 7, "duplicate paraphrase"),
         ("line 8", 8, "not a yes/no question"),
         ("line 10", 10, "unknown phenomenon"),
         ("line 11", 11, "missing image"),
     ]
+    # every swap prediction left out is listed: the rows whose finding has no other patient's image
+    no_swap = {(q, c) for q in set(preds["qid"]) for c in ("swap_random", "swap_label")}
+    no_swap -= set(zip(preds["qid"], preds["condition"], strict=True))
+    assert {(s["row"], s["condition"]) for s in skipped[4:]} == no_swap and len(skipped) == 4 + len(no_swap)
+    assert {s["reason"] for s in skipped[4:]} == {"no swap partner"}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["weights"]["files"]["model.safetensors"] == fingerprint.sha256_file(
         model_dir / "model.safetensors"
@@ -171,8 +176,8 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next_run(
     def boom(*a, **k):  # type: ignore[no-untyped-def]
         raise RuntimeError("the first batch fails")
 
-    monkeypatch.setattr(tiny, "margins", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(tiny.model, "forward", boom)  # the first scoring forward fails, on either path
+    with pytest.raises(RuntimeError, match="the first batch fails"):
         evaluate(tiny, rows, world.image_for, tmp_path, cfg, progress=False)
     monkeypatch.undo()
     assert not (tmp_path / "meta.json").exists()
