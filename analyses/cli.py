@@ -87,8 +87,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         removal=args.removal,
         batch_size=args.batch_size,
         seed=args.seed,
-        forward=args.forward,
-        compile=args.compile,
+        forward=getattr(args, "forward", "auto"),
+        compile=getattr(args, "compile", False),
     )
     rule = QuadrantRule(reliance=args.reliance, min_margin_shift=args.min_margin_shift)
     options = data_options(args)

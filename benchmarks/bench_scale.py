@@ -42,7 +42,7 @@ from hooks.adapter import AdapterConfig, VLMAdapter
 from hooks.inputs import Removal
 from hooks.layout import layout_features
 from hooks.prefix import prefix_margins
-from hooks.tiny import TinyGemma3Config, build_word_tokenizer, tiny_gemma3
+from hooks.tiny import build_word_tokenizer
 
 PSF_MED_ROWS = 112_000 * 4
 H200_BF16_PEAK = 790e12
@@ -50,21 +50,42 @@ H200_BF16_PEAK = 790e12
 
 def medgemma_shape(layers: int, vision_layers: int, device: str, dtype: torch.dtype) -> VLMAdapter:
     """A random-weight Gemma3 with MedGemma-4B's widths, built directly on ``device`` in ``dtype``."""
-    cfg = TinyGemma3Config(
-        text_layers=layers, d_model=2560, n_heads=8, n_kv_heads=4, head_dim=256, d_mlp=10240,
-        vision_layers=vision_layers, vision_d=1152, vision_heads=16, vision_d_mlp=4304,
-        image_size=896, patch_size=14, mm_tokens_per_image=256, vocab_size=262_208,
-        projector_init_std=0.02,
-    )  # fmt: skip
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
     tok = build_word_tokenizer(vocabulary(), "gemma3")
+    conv = tok.convert_tokens_to_ids
+    config = Gemma3Config(  # type: ignore[call-arg]
+        text_config=dict(
+            vocab_size=262_208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=layers,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+            sliding_window=1024, pad_token_id=conv("<pad>"), bos_token_id=conv("<bos>"),
+            eos_token_id=conv("<eos>"),
+        ),
+        vision_config=dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=vision_layers,
+            num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False,
+        ),
+        mm_tokens_per_image=256, image_token_id=conv("<image_soft_token>"),
+        boi_token_id=conv("<start_of_image>"), eoi_token_id=conv("<end_of_image>"), pad_token_id=conv("<pad>"),
+    )  # fmt: skip
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
+        torch.manual_seed(0)
         with torch.device(device):
-            model, proc = tiny_gemma3(tok, cfg, seed=0)
+            model = Gemma3ForConditionalGeneration(config)
+            with torch.no_grad():  # HF initialises the projector to 0: the image would be ignored
+                model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
     finally:
         torch.set_default_dtype(before)
+    model.eval()
     model.set_attn_implementation("sdpa")
+    proc = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, do_pan_and_scan=False),
+        tokenizer=tok,
+        image_seq_length=256,
+    )
     return VLMAdapter(model, proc, AdapterConfig(), name=f"medgemma-shape-{layers}L")
 
 

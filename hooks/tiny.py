@@ -139,10 +139,6 @@ class TinyGemma3Config:
     """Image tokens in the text sequence (a square number)."""
     projector_init_std: float = 0.05
     """Std of the projector weight. HF initialises it to 0, which makes the model ignore the image."""
-    vocab_size: int | None = None
-    """Embedding rows (``None``: the tokenizer's size; MedGemma's 262,208 for a full-shape benchmark)."""
-    vision_d_mlp: int | None = None
-    """SigLIP MLP size (``None``: twice ``vision_d``; 4304 in MedGemma)."""
     extra: dict[str, object] = field(default_factory=dict)
     """Extra Gemma3TextConfig fields."""
 
@@ -172,7 +168,7 @@ def tiny_gemma3(
     conv = tokenizer.convert_tokens_to_ids
     config = Gemma3Config(  # type: ignore[call-arg]
         text_config=dict(
-            vocab_size=cfg.vocab_size or len(tokenizer),
+            vocab_size=len(tokenizer),
             hidden_size=cfg.d_model,
             intermediate_size=cfg.d_mlp,
             num_hidden_layers=cfg.text_layers,
@@ -189,7 +185,7 @@ def tiny_gemma3(
         ),
         vision_config=dict(
             hidden_size=cfg.vision_d,
-            intermediate_size=cfg.vision_d_mlp or 2 * cfg.vision_d,
+            intermediate_size=2 * cfg.vision_d,
             num_hidden_layers=cfg.vision_layers,
             num_attention_heads=cfg.vision_heads,
             image_size=cfg.image_size,

@@ -239,4 +239,4 @@ def test_torchrun_cache_parts_read_as_the_single_process_cache(tmp_path: Path) -
     for site in (resid_post(3), mlp_out(2)):
         x1, x2 = one[site], two[site]
         for i, j in enumerate(order):
-            torch.testing.assert_close(x1[i][one.valid[i]], x2[j][two.valid[j]], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(x1[i][one.valid[i]], x2[j][two.valid[j]], atol=1e-4, rtol=1e-4)
