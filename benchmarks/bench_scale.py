@@ -26,6 +26,7 @@ build it at full depth (34 text layers, 27 vision layers); on a CPU the same wid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import tempfile
 import time
@@ -172,6 +173,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--pairs", type=int, nargs="*", default=None, help="attribution pair counts (default 8 32; CPU 8)")
     ap.add_argument("--questions", type=int, default=None, help="questions per image (default: all ~80)")
+    ap.add_argument(
+        "--repeat", type=int, default=1,
+        help="each row k times (new qids): SynthCXR has ~12-24 questions an image, PSF-Med ~90",
+    )
     ap.add_argument("--eval-full", action="store_true", help="also time the evaluator's full path (GPU: always)")
     ap.add_argument("--skip-interp", action="store_true", help="evaluator figures only")
     ap.add_argument("--threads", type=int, default=2)
@@ -186,6 +191,9 @@ def main() -> None:
         for r in rows:
             by.setdefault(r.image_id, []).append(r)
         rows = [r for group in by.values() for r in group[: args.questions]]
+    if args.repeat > 1:
+        rows = [dataclasses.replace(r, qid=f"{r.qid}#{k}") for k in range(args.repeat) for r in rows]
+    print(f"{len(rows)} questions about {len({r.image_id for r in rows})} images (repeat {args.repeat})")
     if args.organism:
         adapter = load_organism()
         print(f"organism ({adapter.n_layers} text layers), {args.n_images} images")
@@ -206,8 +214,30 @@ def main() -> None:
     )
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(seconds, peak resident memory above the start in MiB) of ``fn()``, sampled every 5 ms."""
+    import threading
+
+    start, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t0
+    done.set()
+    t.join()
+    return elapsed, max(peak[0], rss_mb()) - start
 
 
 def pairs_of(adapter: VLMAdapter, rows: list, world: Any, n: int) -> tuple[Any, Any]:
@@ -240,14 +270,13 @@ def bench_interp(adapter: VLMAdapter, rows: list, world: Any, args: argparse.Nam
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        rss0 = peak_rss_mb()
         acfg = PatchingConfig(max_rows_per_forward=n)
-        t, _ = timed(lambda c=c, k=k, acfg=acfg: attribution_patching(adapter, c, k, acfg), dev)
+        t, grew = peak_rss_growth(lambda c=c, k=k, acfg=acfg: attribution_patching(adapter, c, k, acfg))
         if gpu:
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             print(f"attribution, {n:3d} pairs: {t:6.2f} s, peak {peak:6.2f} GiB above the weights")
         else:
-            print(f"attribution, {n:3d} pairs: {t:6.2f} s, peak RSS growth {peak_rss_mb() - rss0:8.0f} MiB")
+            print(f"attribution, {n:3d} pairs: {t:6.2f} s, peak resident memory +{grew:8.0f} MiB")
 
 
 if __name__ == "__main__":
