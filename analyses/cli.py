@@ -235,6 +235,126 @@ def _cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with each option's default appended, unless it is empty or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default == "" or default == argparse.SUPPRESS
+        if not action.option_strings or empty or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _add_rule_arguments(p: Any) -> None:
+    """``--reliance`` / ``--min-margin-shift``: the quadrant rule (default: ``QuadrantRule()``, the demo's)."""
+    from analyses.eval.quadrants import DEFAULT_RULE
+
+    p.add_argument(
+        "--reliance",
+        default=DEFAULT_RULE.reliance,
+        choices=["pred_change", "margin_shift"],
+        help="quadrant rule: image-reliant if the margin moves by --min-margin-shift without the image "
+        "(margin_shift) or if the answer changes (pred_change), on every question of the sample",
+    )
+    p.add_argument(
+        "--min-margin-shift",
+        type=float,
+        default=DEFAULT_RULE.min_margin_shift,
+        help="logits, for --reliance margin_shift",
+    )
+
+
+def _add_eval_data(ev: argparse.ArgumentParser) -> None:
+    from analyses.data.resolve import add_data_arguments
+
+    g = ev.add_argument_group("data", "which questions and images")
+    g.add_argument(
+        "--data",
+        default="synthcxr",
+        help="'synthcxr'; a file (jsonl/json/csv/parquet, .gz ok) in the flipscope, PSF-Med / flip-bank or "
+        "CheXpert-label layout; or a hub dataset such as saillab/psf-med:mimic",
+    )
+    g.add_argument("--split", default="test", help="split of the data to evaluate (train, val, test)")
+    g.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    add_data_arguments(g)  # type: ignore[arg-type]  # an argument group takes the same add_argument
+    g.add_argument(
+        "--conditions",
+        default="image,removed,swap_random,swap_label",
+        help="comma-separated subset of image, removed, swap_random, swap_label",
+    )
+    g.add_argument(
+        "--removal",
+        default="gray",
+        choices=["gray", "white", "noise", "none"],
+        help="what replaces the image under the 'removed' condition",
+    )
+
+
+def _add_eval_model(ev: argparse.ArgumentParser) -> None:
+    from analyses.data.resolve import add_model_arguments
+    from lora_targeted.cli import add_prompt_options
+
+    g = ev.add_argument_group("model", "which model and how it is prompted")
+    g.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
+    add_model_arguments(g)  # type: ignore[arg-type]
+    add_prompt_options(g)  # type: ignore[arg-type]
+
+
+def _add_eval_run(ev: argparse.ArgumentParser) -> None:
+    g = ev.add_argument_group("run", "how the forwards run")
+    g.add_argument("--batch-size", type=int, default=64, help="questions per forward (no effect on margins)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the swap partners, noise and bootstrap")
+    g.add_argument(
+        "--forward",
+        default="auto",
+        choices=["auto", "prefix", "full"],
+        help="prefix: each image's prefix runs once, rows are suffix-only forwards (image before the question); "
+        "full: whole-sequence forwards; auto (default): prefix where the prompt allows. Same margins to rounding",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the text layers (GPU: faster after a slow start; off by default)",
+    )
+
+
+def _add_eval_output(ev: argparse.ArgumentParser) -> None:
+    g = ev.add_argument_group("output", "where results go and how they are summarised")
+    g.add_argument("--out", default=str(DEFAULT_RUNS / "eval"), help="run folder (resumed if it holds this run)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
+    )
+    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    _add_rule_arguments(g)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--track",
+        default=None,
+        choices=["wandb", "mlflow"],
+        help="log config, metrics and the report to Weights & Biases or MLflow (extra: flipscope[wandb|mlflow])",
+    )
+    g.add_argument(
+        "--track-project", default=None, help="wandb project / mlflow experiment (default: flipscope)"
+    )
+
+
+def _add_eval_parser(sub: Any) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="paraphrase-sensitivity evaluation (resumable)",
+        description="Evaluate a model on paraphrased questions; resumable: re-run the same command to "
+        "continue, or to re-print a finished run's summary.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_eval_data(ev)
+    _add_eval_model(ev)
+    _add_eval_run(ev)
+    _add_eval_output(ev)
+    ev.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from analyses.data.resolve import add_data_arguments, add_model_arguments
 
@@ -267,61 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sae.add_argument("--seed", type=int, default=0)
     sae.set_defaults(func=_cmd_organism_sae)
 
-    ev = sub.add_parser("eval", help="paraphrase-sensitivity evaluation (resumable)")
-    ev.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
-    add_model_arguments(ev)
-    ev.add_argument(
-        "--data",
-        default="synthcxr",
-        help="'synthcxr'; a file (jsonl/json/csv/parquet, .gz ok) in the flipscope, PSF-Med / flip-bank or "
-        "CheXpert-label layout; or a hub dataset such as saillab/psf-med:mimic",
-    )
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
-    add_data_arguments(ev)
-    ev.add_argument(
-        "--conditions",
-        default="image,removed,swap_random,swap_label",
-        help="comma-separated subset of image, removed, swap_random, swap_label",
-    )
-    ev.add_argument("--removal", default="gray", choices=["gray", "white", "noise", "none"])
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument(
-        "--forward",
-        default="auto",
-        choices=["auto", "prefix", "full"],
-        help="prefix: each image's prefix runs once, rows are suffix-only forwards (image before the question); "
-        "full: whole-sequence forwards; auto (default): prefix where the prompt allows. Same margins to rounding",
-    )
-    ev.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the text layers (GPU: faster after a slow start; off by default)",
-    )
-    ev.add_argument("--n-boot", type=int, default=1000)
-    ev.add_argument(
-        "--reliance",
-        default="pred_change",
-        choices=["pred_change", "margin_shift"],
-        help="quadrant rule: image-reliant if the prediction changes without the image, or if the margin moves",
-    )
-    ev.add_argument("--min-margin-shift", type=float, default=1.0, help="logits, for --reliance margin_shift")
-    ev.add_argument("--out", default=str(DEFAULT_RUNS / "eval"))
-    ev.add_argument(
-        "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
-    )
-    ev.add_argument("--quiet", action="store_true")
-    ev.add_argument(
-        "--track",
-        default=None,
-        choices=["wandb", "mlflow"],
-        help="log config, metrics and the report to Weights & Biases or MLflow (extra: flipscope[wandb|mlflow])",
-    )
-    ev.add_argument(
-        "--track-project", default=None, help="wandb project / mlflow experiment (default: flipscope)"
-    )
-    ev.set_defaults(func=_cmd_eval)
+    _add_eval_parser(sub)
 
     ca = sub.add_parser(
         "cache",
@@ -370,16 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--n-boot", type=int, default=1000)
     cmp.add_argument("--seed", type=int, default=0)
-    cmp.add_argument("--reliance", default="pred_change", choices=["pred_change", "margin_shift"])
-    cmp.add_argument(
-        "--min-margin-shift", type=float, default=1.0, help="logits, for --reliance margin_shift"
-    )
+    _add_rule_arguments(cmp)
     cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"))
     cmp.set_defaults(func=_cmd_compare)
 
-    from lora_targeted.cli import add_lora_parser, add_prompt_options
+    from lora_targeted.cli import add_lora_parser
 
-    add_prompt_options(ev)
     add_lora_parser(sub)
 
     info = sub.add_parser("info", help="versions and where the organism is")

@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooks.batch import Batch
 from hooks.batch_features import batch_features, needs_vision
 from hooks.grad import frozen_parameters
+from hooks.progress import tqdm
 from hooks.sites import Site, resid_post
 from interp.align import plan_positions
 from interp.floor import margin_resolution

@@ -31,9 +31,9 @@ from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooks.batch import POSITION_CLASSES, Batch
+from hooks.progress import tqdm
 from hooks.sites import Site, parse_site
 
 if TYPE_CHECKING:

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooks.batch import Batch
 from hooks.batch_features import batch_features
+from hooks.progress import tqdm
 from hooks.sites import Site
 from interp.align import plan_positions
 from interp.floor import null_floor

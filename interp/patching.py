@@ -45,11 +45,11 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooks.attn import text_attn_implementation
 from hooks.batch import Batch
 from hooks.batch_features import batch_features
+from hooks.progress import tqdm
 from hooks.sites import Site
 from interp.align import (
     EACH,

@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooks.batch import Batch
 from hooks.batch_features import batch_features
 from hooks.grad import frozen_parameters
+from hooks.progress import tqdm
 from hooks.sites import Site
 from interp.sae import FeatureRef, LoadedSAE, Position
 

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from hooks.progress import tqdm
 from hooks.sites import Site
 from interp.sae import LoadedSAE
 

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from hooks.attn import attention_implementation
 from hooks.batch import Batch
 from hooks.batch_features import select_features
 from hooks.devices import execution_devices
+from hooks.progress import tqdm
 from hooks.sites import Site
 from interp.align import PositionPlan
 from interp.stack import StackState, resume

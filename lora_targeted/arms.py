@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from analyses.data.schema import ORIGINAL, PARAPHRASE_FAMILIES, ImageSource, QuestionRow
 from analyses.eval.evaluate import EvalConfig, evaluate
 from analyses.eval.metrics import cluster_units
+from hooks.progress import tqdm
 from interp.stats import check_bootstrap, draw_clusters, percentile_interval
 from lora_targeted.targets import control_layers, select_layers
 from lora_targeted.train import LoraTrainConfig, train_lora

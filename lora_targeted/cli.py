@@ -176,8 +176,13 @@ def add_lora_parser(subparsers: Any) -> argparse.ArgumentParser:
     cp.add_argument("--adapter", action="append", default=[], help="NAME=FOLDER of a saved adapter (repeat)")
     cp.add_argument("--family", default="register", help="paraphrase family for family_flip_rate")
     cp.add_argument("--batch-size", type=int, default=64)
-    cp.add_argument("--reliance", default="pred_change", choices=["pred_change", "margin_shift"])
-    cp.add_argument("--min-margin-shift", type=float, default=1.0)
+    cp.add_argument(
+        "--reliance",
+        default="margin_shift",
+        choices=["pred_change", "margin_shift"],
+        help="quadrant rule: image-reliant if the margin moves by --min-margin-shift, or if the answer changes",
+    )
+    cp.add_argument("--min-margin-shift", type=float, default=1.0, help="logits, for --reliance margin_shift")
     cp.add_argument("--out", default=str(DEFAULT_OUT / "compare"))
     cp.set_defaults(func=_cmd_compare)
     return lora

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ class Comparison:
             lines.append("| " + " | ".join(cells) + " |")
         note = (
             f"\n\nfamily flip rate: `{self.family}`; into_dangerous: samples moving into Dangerous vs "
-            f"`{self.base}`; quadrant rule: {json.dumps(asdict(self.rule))}"
+            f"`{self.base}`; quadrant rule: {self.rule.in_words()}"
         )
         return "\n".join(lines) + note
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,6 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from analyses.data.schema import OPERATOR, ORIGINAL, PARAPHRASE_FAMILIES, ImageSource, QuestionRow
 from hooks.adapter import VLMAdapter
@@ -44,6 +45,7 @@ from hooks.answer import answer_loss
 from hooks.features import ImageFeatureCache
 from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
 from hooks.layout import EncodedImage, layout_features
+from hooks.progress import tqdm
 from lora_targeted.targets import DEFAULT_MODULES, lora_config, select_layers, trainable_fraction
 
 #: Files written next to the peft adapter.
@@ -284,6 +286,15 @@ def cluster_losses(
     return {"loss": loss, "task": task, "consistency": consistency, "reliance": reliance, "removed": removed}
 
 
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning on every wrap; that one warning is not the user's to act on, so it is filtered here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def wrap_lora(
     adapter: VLMAdapter, layers: Sequence[int], cfg: LoraTrainConfig | None = None
 ) -> tuple[Any, VLMAdapter]:
@@ -298,7 +309,8 @@ def wrap_lora(
     layers = select_layers(layers=list(layers), n_layers=adapter.n_layers)
     lcfg = lora_config(adapter, layers, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, modules=cfg.modules)
     torch.manual_seed(cfg.seed)  # LoRA A is randomly initialised (B = 0)
-    peft_model = get_peft_model(copy.deepcopy(adapter.model), lcfg)
+    with peft_quietly():
+        peft_model = get_peft_model(copy.deepcopy(adapter.model), lcfg)
     peft_model.eval()
     return peft_model, _lora_adapter(adapter, peft_model, layers)
 
@@ -320,7 +332,8 @@ def load_lora(base: VLMAdapter, path: str | Path) -> VLMAdapter:
         raise FileNotFoundError(
             f"no peft adapter at {path} (adapter_config.json missing); train one with train_lora"
         )
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(path))
+    with peft_quietly():
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(path))
     peft_model.eval()
     layers: list[int] = []
     rec = path / CONFIG_FILE

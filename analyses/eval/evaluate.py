@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from analyses.data.schema import ImageSource, QuestionRow, SkippedRow
 from analyses.eval.fingerprint import image_fingerprints, runtime_fingerprint, weights_fingerprint
@@ -42,6 +41,7 @@ from hooks.features import ImageFeatureCache
 from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
 from hooks.layout import EncodedImage, layout_features
 from hooks.prefix import PrefixStore, image_first, prefix_margins
+from hooks.progress import tqdm
 
 if TYPE_CHECKING:
     from analyses.eval.shard import Part
@@ -302,6 +302,12 @@ def run_meta(
     }
 
 
+def resume_note(done: int, todo: int, folder: Path) -> str:
+    """What a resumed run has left: ``528/528 predictions already done in runs/x; nothing to compute``."""
+    left = "nothing to compute" if todo == 0 else f"{todo} to compute"
+    return f"{done}/{done + todo} predictions already done in {folder}; {left}"
+
+
 def evaluate(
     adapter: VLMAdapter,
     rows: Sequence[QuestionRow],
@@ -332,10 +338,11 @@ def evaluate(
     run.start(meta, overwrite=overwrite)
     loaded = [p.record() for p in skipped]
     run.write_skipped(loaded)
-    if part is None:
-        work = plan(rows, cfg, run.finished())
-    else:
-        work = plan(rows, cfg, run.finished() | part.finished, part.images)
+    finished = run.finished() if part is None else run.finished() | part.finished
+    work = plan(rows, cfg, finished, None if part is None else part.images)
+    if finished and progress:
+        total = len(plan(rows, cfg, frozenset(), None if part is None else part.images))
+        print(resume_note(total - len(work), len(work), run.path))
     inputs = ImageInputs(adapter, images, removal)
     path = forward_path(adapter, rows, cfg)
     if cfg.compile:

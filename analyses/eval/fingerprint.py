@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from analyses.data.schema import ImageSource, QuestionRow
+from hooks.progress import tqdm
 
 if TYPE_CHECKING:
     import torch

@@ -23,12 +23,17 @@ QUADRANTS: tuple[str, ...] = ("Ideal", "Fragile", "Dangerous", "Worst")
 
 @dataclass(frozen=True)
 class QuadrantRule:
-    """Explicit rule placing a sample (one cluster) in a quadrant; the papers define them only in words."""
+    """Explicit rule placing a sample (one cluster) in a quadrant; the papers define them only in words.
 
-    reliance: Literal["pred_change", "margin_shift"] = "pred_change"
-    """How image reliance is read on one question, 'image' vs 'removed': ``pred_change``: reliant iff its
-    prediction changes; ``margin_shift``: reliant iff ``|margin(image) - margin(removed)| >=
-    min_margin_shift`` (the shift need not cross zero)."""
+    The default, used by ``flipscope demo``, ``eval``, ``compare`` and every Python function that takes a
+    rule, reads reliance as a margin shift of at least 1 logit over the whole cluster: a model whose
+    image-removed margins sit near zero (the organism) makes the prediction-change rule a coin flip.
+    """
+
+    reliance: Literal["pred_change", "margin_shift"] = "margin_shift"
+    """How image reliance is read on one question, 'image' vs 'removed': ``margin_shift`` (default):
+    reliant iff ``|margin(image) - margin(removed)| >= min_margin_shift`` (the shift need not cross
+    zero); ``pred_change``: reliant iff its prediction changes."""
     scope: Literal["cluster", "original"] = "cluster"
     """Which questions of the sample are read: ``cluster`` (default): the sample is image-reliant iff
     *every* answer-preserving question of it (the original and each paraphrase that has a 'removed'
@@ -57,6 +62,46 @@ class QuadrantRule:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0 (logits), got {value}")
+
+    def in_words(self, removal: str = "") -> str:
+        """The rule as sentences, for every page and table that states it (``removal``: how the image
+        was removed, e.g. ``gray``)."""
+        how = f" ({removal})" if removal else ""
+        shift = self.min_margin_shift
+        relies = (
+            f"its answer changes when the image is removed{how}"
+            if self.reliance == "pred_change"
+            else f"its margin moves by at least {shift:g} logit{'' if shift == 1 else 's'} when the image is "
+            f"removed{how}"
+        )
+        scope = (
+            "every question of it (original and paraphrases) relies on the image"
+            if self.scope == "cluster"
+            else "its original question relies on the image"
+        )
+        consistent = "no paraphrase gets another answer than the original"
+        if self.consistency == "margin_band":
+            consistent += f" and every margin is at least {self.min_abs_margin:g} from zero"
+        return (
+            f"A question relies on the image if {relies}. A sample (an original question and its paraphrases "
+            f"on one image) is image-reliant if {scope}, and consistent if {consistent}."
+        )
+
+
+    def brief(self) -> str:
+        """The rule in a few words, for a table cell or a terminal line."""
+        moved = (
+            "answer changes"
+            if self.reliance == "pred_change"
+            else f"margin moves by >= {self.min_margin_shift:g} logit{'' if self.min_margin_shift == 1 else 's'}"
+        )
+        where = "every question of the sample" if self.scope == "cluster" else "the original question"
+        band = f", every |margin| >= {self.min_abs_margin:g}" if self.consistency == "margin_band" else ""
+        return f"image-reliant if the {moved} without the image on {where}; consistent if no flip{band}"
+
+
+#: The rule every command and function uses unless told otherwise (``flipscope demo``'s rule).
+DEFAULT_RULE = QuadrantRule()
 
 
 def question_reliance(df: pd.DataFrame, rule: QuadrantRule) -> pd.DataFrame:

@@ -124,7 +124,7 @@ def summary_table(
     else:
         lines += [
             "",
-            f"quadrants ({s['choices']['rule']})",
+            f"quadrants ({QuadrantRule(**s['choices']['rule']).brief()})",
             "quadrant    count  share [95% CI]         accuracy  entropy",
         ]
         for name, row in s["quadrant_summary"].iterrows():
@@ -139,26 +139,8 @@ def summary_table(
 
 
 def rule_sentence(rule: QuadrantRule, removal: str = "") -> str:
-    """The quadrant rule in words."""
-    how = f" ({removal})" if removal else ""
-    relies = (
-        f"its answer changes when the image is removed{how}"
-        if rule.reliance == "pred_change"
-        else f"its margin moves by at least {rule.min_margin_shift:g} logit{'' if rule.min_margin_shift == 1 else 's'} "
-        f"when the image is removed{how}"
-    )
-    scope = (
-        "every question of it (original and paraphrases) relies on the image"
-        if rule.scope == "cluster"
-        else "its original question relies on the image"
-    )
-    consistent = "no paraphrase gets another answer than the original"
-    if rule.consistency == "margin_band":
-        consistent += f" and every margin is at least {rule.min_abs_margin:g} from zero"
-    return (
-        f"A question relies on the image if {relies}. A sample (an original question and its paraphrases on "
-        f"one image) is image-reliant if {scope}, and consistent if {consistent}."
-    )
+    """The quadrant rule in words (:meth:`QuadrantRule.in_words`)."""
+    return rule.in_words(removal)
 
 
 def _header(title: str, meta: dict[str, Any], s: dict[str, Any], data: str | None) -> str:
@@ -170,9 +152,7 @@ def _header(title: str, meta: dict[str, Any], s: dict[str, Any], data: str | Non
         "dataset hash": meta.get("dataset_hash", "not recorded"),
         "rows / clusters": f"{c['n_rows']:,} predictions / {c['n_clusters']:,} clusters",
         "image removed as": str(meta.get("removal", "not recorded")).removeprefix("removed:"),
-        "quadrant rule": f"reliance {rule['reliance']}"
-        + (f" ≥ {rule['min_margin_shift']:g}" if rule["reliance"] == "margin_shift" else "")
-        + f", read over the {rule['scope']}, consistency {rule['consistency']}",
+        "quadrant rule": QuadrantRule(**rule).brief(),
         "conditions": ", ".join(c["conditions"]),
         "intervals": f"{int(c['level'] * 100)}% {c['ci']}, {c['n_boot']} resamples, seed {c['seed']}",
         "started": meta.get("started", "not recorded"),

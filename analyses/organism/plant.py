@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from analyses.data.schema import ORIGINAL, QuestionRow
 from analyses.organism.train import Encoder
 from analyses.synthcxr.world import SynthCXRWorld
 from hooks.adapter import VLMAdapter
+from hooks.progress import tqdm
 from hooks.sites import Site, attn_out, mlp_out
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

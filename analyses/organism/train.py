@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from analyses.data.schema import FINDINGS, ORIGINAL, PARAPHRASE_FAMILIES, QuestionRow
 from analyses.organism.model import CLEAN_DIR, ORGANISM_MODEL, build_organism, organism_world_config
@@ -36,6 +35,7 @@ from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import VLMAdapter
 from hooks.answer import AnswerIds
 from hooks.inputs import Removal, RemovalKind
+from hooks.progress import tqdm
 from hooks.tiny import TinyGemma3Config
 
 
