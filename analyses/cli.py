@@ -44,11 +44,21 @@ def _cmd_organism_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_organism_card(args: argparse.Namespace) -> int:
-    from analyses.organism.card import write_model_card
+    from analyses.organism.card import planted_checks, write_model_card
 
-    path = write_model_card(Path(args.model), Path(args.runs), n_images=args.n_images)
-    print(f"wrote {path}")
-    return 0
+    model, runs = Path(args.model), Path(args.out)
+    if runs.resolve() == model.parent.resolve():
+        raise ValueError(f"--out {runs} is the shipped card's folder: pick a run folder, and --in-place to rewrite the card")
+    card_dir = model.parent if args.in_place else runs  # the runs stay under --out either way
+    path, measured = write_model_card(model, runs, n_images=args.n_images, out=card_dir)
+    checks = planted_checks(measured)
+    for name, status, detail in checks:
+        print(f"{status.upper():<8} {name}: {detail}")
+    print(f"wrote {path} and {path.with_name('model_card.json')}")
+    failed = [name for name, status, _ in checks if status == "fail"]
+    if failed:
+        print(f"flipscope: planted failure(s) not found: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_organism_sae(args: argparse.Namespace) -> int:
@@ -211,6 +221,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         allow_different_rows=args.allow_different_rows,
         n_boot=args.n_boot,
         seed=args.seed,
+        families=args.families,
     )
     print(comp.to_text())
     paths = comp.save(args.out)
@@ -218,18 +229,69 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Packages ``flipscope info`` reports besides the project's own requirements (read from its metadata).
+STACK = ("torch", "transformers", "nnsight", "peft", "sae-lens", "accelerate", "safetensors", "tokenizers",
+         "datasets", "numpy", "pandas", "pyarrow", "plotly", "pillow", "pydicom", "tqdm", "jaxtyping",
+         "torchvision", "transformer-lens", "wandb", "mlflow-skinny")  # fmt: skip
+
+
+def stack_versions() -> dict[str, str]:
+    """Installed version of every package of the stack (the project's requirements and :data:`STACK`);
+    ``not installed`` for an optional one that is absent."""
+    import re
+    from importlib import metadata
+
+    names = list(STACK)
+    try:
+        names += [re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0] for r in metadata.requires("flipscope") or []
+                  if "extra ==" not in r]  # fmt: skip
+        own = metadata.version("flipscope")
+    except metadata.PackageNotFoundError:
+        own = "not installed (run from a checkout)"
+    out = {"flipscope": own}
+    for name in dict.fromkeys(n.lower() for n in names):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def devices() -> list[str]:
+    """Every device torch can use: the CPU (threads) and each CUDA / MPS device with its name and memory."""
+    import torch
+
+    out = [f"cpu ({torch.get_num_threads()} threads)"]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(f"cuda:{i} {p.name} ({p.total_memory / 2**30:.0f} GiB)")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def organism_version(model_dir: Path) -> str:
+    """The shipped organism's version and phase, from its ``training.json``."""
+    rec = model_dir / "training.json"
+    if not rec.is_file():
+        return f"not found ({rec} missing)"
+    t = json.loads(rec.read_text())
+    return f"v{t.get('organism_version', '?')} ({t.get('phase', '?')}, trained with torch {t.get('torch', '?')})"
+
+
 def _cmd_info(_args: argparse.Namespace) -> int:
     import torch
-    import transformers
 
     from analyses.organism.model import MODEL_DIR
 
     info = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "versions": stack_versions(),
+        "python": sys.version.split()[0],
+        "devices": devices(),
         "cuda": torch.cuda.is_available(),
         "organism": str(MODEL_DIR),
         "organism_present": (MODEL_DIR / "config.json").is_file(),
+        "organism_version": organism_version(MODEL_DIR),
     }
     print(json.dumps(info, indent=1))
     return 0
@@ -378,9 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_cmd_organism_train)
-    card = org.add_parser("card", help="measure the checkpoint and write organism/MODEL_CARD.md")
-    card.add_argument("--model", default="organism/model")
-    card.add_argument("--runs", default="runs/model_card")
+    card = org.add_parser(
+        "card",
+        formatter_class=_HelpFormatter,
+        help="measure the checkpoint, check each planted failure is found, write MODEL_CARD.md to --out",
+    )
+    card.add_argument("--model", default="organism/model", help="the planted checkpoint (clean/ beside it)")
+    card.add_argument(
+        "--out", default=str(DEFAULT_RUNS / "model_card"), help="folder for the runs, MODEL_CARD.md and model_card.json"
+    )
+    card.add_argument(
+        "--in-place",
+        action="store_true",
+        help="write the card beside the model instead (organism/MODEL_CARD.md, model_card.json: the committed card)",
+    )
     card.add_argument("--n-images", type=int, default=0, help="0 = the whole test split")
     card.set_defaults(func=_cmd_organism_card)
     sae = org.add_parser("sae", help="retrain the organism's shipped SAE (TopK, organism/sae/<site>)")
@@ -419,8 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="start the --out folder afresh")
     demo.set_defaults(func=_cmd_demo)
 
+    from analyses.eval.compare import DEFAULT_FAMILIES
+
     cmp = sub.add_parser(
-        "compare", help="tabulate finished run folders: metrics and quadrant shares with CIs, one row per run"
+        "compare",
+        formatter_class=_HelpFormatter,
+        help="tabulate finished run folders: metrics and quadrant shares with CIs, one row per run"
     )
     cmp.add_argument(
         "runs", nargs="+", help="run folders (meta.json + predictions.jsonl), e.g. runs/a runs/b"
@@ -437,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--n-boot", type=int, default=1000)
     cmp.add_argument("--seed", type=int, default=0)
     _add_rule_arguments(cmp)
+    cmp.add_argument(
+        "--families",
+        default=",".join(DEFAULT_FAMILIES),
+        help="paraphrase families with their own flip-rate column, comma-separated, or 'all'",
+    )
     cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"))
     cmp.set_defaults(func=_cmd_compare)
 

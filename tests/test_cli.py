@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from analyses.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +75,78 @@ def test_prompt_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
-    assert json.loads(capsys.readouterr().out)["organism_present"] is True
+    info = json.loads(capsys.readouterr().out)
+    assert info["organism_present"] is True
+    versions = info["versions"]
+    for name in ("torch", "transformers", "nnsight", "peft", "sae-lens", "accelerate", "safetensors", "plotly"):
+        assert versions[name][0].isdigit(), (name, versions[name])
+    assert info["devices"][0].startswith("cpu (") and len(info["devices"]) == 1 + torch.cuda.device_count()
+    training = json.loads((ROOT / "organism" / "model" / "training.json").read_text())
+    assert info["organism_version"].startswith(f"v{training['organism_version']} (planted")
+
+
+def test_eval_help_is_grouped_with_defaults_and_help_on_every_option() -> None:
+    from analyses.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    ev = sub.choices["eval"]
+    groups = {g.title: [a.dest for a in g._group_actions] for g in ev._action_groups}
+    assert {"data", "model", "run", "output"} <= set(groups)
+    assert "data" in groups and {"data", "split", "n_images", "image_root", "removal"} <= set(groups["data"])
+    assert {"model", "dtype", "device_map", "prompt"} <= set(groups["model"])
+    assert {"batch_size", "forward"} <= set(groups["run"]) and {"out", "reliance", "quiet"} <= set(groups["output"])
+    no_help = [a.dest for a in ev._actions if a.option_strings and a.dest != "help" and not (a.help or "").strip()]
+    assert no_help == []
+    text = ev.format_help()
+    assert "(default: 64)" in text and "(default: margin_shift)" in text and "(default: runs/eval)" in text
 
 
 def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--n-images", "2", "--out", str(tmp_path / "demo")]) == 0
-    assert "margin_shift" in capsys.readouterr().out
-    assert (tmp_path / "demo" / "report.html").is_file()
+    first = capsys.readouterr().out
+    assert "margin moves by >= 1 logit without the image on every question of the sample" in first
+    assert "already done" not in first
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "A question relies on the image if its margin moves by at least 1 logit" in report
+    n = sum(1 for _ in (tmp_path / "demo" / "predictions.jsonl").open())
+    assert main(["demo", "--n-images", "2", "--out", str(tmp_path / "demo")]) == 0  # finished: says so
+    assert f"{n}/{n} predictions already done in {tmp_path / 'demo'}; nothing to compute" in capsys.readouterr().out
+
+
+def test_organism_card_writes_to_out_and_prints_each_planted_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import analyses.organism.card as card
+
+    shipped = {f: (ROOT / "organism" / f).read_bytes() for f in ("MODEL_CARD.md", "model_card.json")}
+    measured = json.loads(shipped["model_card.json"])
+    seen: list[tuple[Path, Path, int]] = []
+
+    def fake_measure(model_dir: Path, runs: Path, n_images: int = 0) -> dict:
+        seen.append((Path(model_dir), Path(runs), n_images))
+        return measured
+
+    monkeypatch.setattr(card, "measure", fake_measure)
+    out = tmp_path / "card"
+    assert main(["organism", "card", "--n-images", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert seen == [(Path("organism/model"), out, 6)]
+    assert "PASS     register shortcut: top sites" in printed and "PASS     text-prior finding" in printed
+    assert "REPORTED rare family: separated from every other unplanted family: False" in printed
+    assert (out / "MODEL_CARD.md").read_text().startswith("# Model card")
+    assert json.loads((out / "model_card.json").read_text())["detections"] == measured["detections"]
+    assert {f: (ROOT / "organism" / f).read_bytes() for f in shipped} == shipped  # committed card untouched
+    assert main(["organism", "card", "--out", "organism"]) == 2
+    assert "--in-place" in capsys.readouterr().err
+    # --in-place: the card beside the model (a copy here), the runs still under --out
+    model = tmp_path / "org" / "model"
+    model.mkdir(parents=True)
+    measured["detections"]["prior_finding"]["dangerous_share"] = 0.5
+    assert main(["organism", "card", "--model", str(model), "--out", str(out), "--in-place"]) == 1
+    io = capsys.readouterr()
+    assert "FAIL     text-prior finding: Dangerous 0.500 (needs >= 0.8)" in io.out
+    assert "planted failure(s) not found: text-prior finding" in io.err
+    assert (model.parent / "MODEL_CARD.md").is_file() and seen[-1][1] == out
 
 
 def test_cache_lists_what_it_left_out_counts_its_bar_and_says_how_to_load(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -9,8 +11,9 @@ import pytest
 from report_data import RULE, predictions, small_world, write_run
 
 from analyses.cli import main
-from analyses.eval.compare import METRICS, compare_runs, run_label
-from analyses.eval.quadrants import QUADRANTS
+from analyses.data.schema import PARAPHRASE_FAMILIES
+from analyses.eval.compare import METRICS, compare_runs, differing_settings, run_label
+from analyses.eval.quadrants import DEFAULT_RULE, QUADRANTS, QuadrantRule
 from analyses.eval.summary import summarize
 
 
@@ -91,7 +94,11 @@ def test_save_writes_csv_parquet_and_html(runs: tuple[Path, Path, Path], tmp_pat
     pd.testing.assert_frame_equal(pd.read_parquet(paths["parquet"]), comp.table)
     assert list(pd.read_csv(paths["csv"], index_col=0).index) == ["b", "t"]
     html = paths["html"].read_text()
-    assert html.count("plotly.js v") == 1 and "<td>b</td>" in html and "lora[3,4]" in html
+    assert "<td>b</td>" in html and "lora[3,4]" in html
+    # plotly.js is loaded once, from one file beside the page, not embedded (was 4.8 MB for 2 rows)
+    assert html.count('<script src="plotly.min.js">') == 1 and "plotly.js v" not in html
+    assert len(html.encode()) < 200_000 and paths["plotly"] == tmp_path / "plotly.min.js"
+    assert "plotly.js v" in paths["plotly"].read_text()[:2000]
     fig = comp.figure()
     assert len(fig.data) == 2 * 2 and fig.data[0].error_y.array is not None
 
@@ -120,3 +127,52 @@ def test_cli_prints_and_writes_the_table(
     assert table.loc["targeted", "flip_rate"] == 0 and (out / "comparison.html").is_file()
     assert main(["compare", str(base), str(other), "--out", str(out)]) == 2
     assert "different question rows" in capsys.readouterr().err
+
+
+def _with_meta(folder: Path, **changes: object) -> Path:
+    meta = {**json.loads((folder / "meta.json").read_text()), **changes}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_settings_that_differ_are_shown(runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base = runs[0]
+    a = _with_meta(shutil.copytree(base, tmp_path / "a"), eval_config={"removal": "gray", "batch_size": 64},
+                   forward_path="prefix", runtime={"dtype": "float32"}, started="x")  # fmt: skip
+    b = _with_meta(shutil.copytree(base, tmp_path / "b"), eval_config={"removal": "white", "batch_size": 64},
+                   forward_path="full", runtime={"dtype": "bfloat16"}, started="y")  # fmt: skip
+    comp = compare_runs([a, b], n_boot=10)
+    got = comp.settings
+    assert list(got.index) == ["eval_config.removal", "forward_path", "runtime.dtype"]  # not started, batch
+    assert got.loc["runtime.dtype"].tolist() == ["float32", "bfloat16"]
+    html, text = comp.to_html(), comp.to_text()
+    assert "Settings that differ" in html and "<code>runtime.dtype</code>" in html and "bfloat16" in html
+    assert "runtime.dtype: a float32; b bfloat16" in text
+    same = compare_runs([a, a.parent / "a"], names=["x", "y"], n_boot=10)
+    assert same.settings.empty and "every run was made the same way" in same.to_html()
+    assert differing_settings({"p": {"model": "m1"}, "q": {}}).loc["model"].tolist() == ["m1", "—"]
+
+
+def test_family_columns_and_the_rule_in_words(runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, fixed, _ = runs
+    comp = compare_runs([base, fixed], n_boot=20)
+    assert comp.rule == DEFAULT_RULE and comp.rule.reliance == "margin_shift"  # the demo's rule by default
+    t = comp.table
+    s = summarize(comp.predictions["base"], DEFAULT_RULE, n_boot=20)
+    reg = s["by_family"].loc[("flip_rate", "register")]
+    assert t.loc["base", ["flip_rate_register", "flip_rate_register_low", "flip_rate_register_high"]].tolist() == (
+        pytest.approx([reg["value"], reg["low"], reg["high"]])
+    )
+    assert t.loc["base", "flip_rate_register"] > 0 and "flip_rate_lexical" not in t.columns
+    html = comp.to_html()
+    assert "flip rate: register" in html and DEFAULT_RULE.in_words() in html.replace("&#x27;", "'")
+    assert '"reliance"' not in html and "reliance':" not in comp.to_text()
+    every = compare_runs([base, fixed], n_boot=10, families="all")
+    assert all(f"flip_rate_{f}" in every.table.columns for f in PARAPHRASE_FAMILIES)
+    with pytest.raises(ValueError, match=r"unknown families \['registr'\]: use 'all'"):
+        compare_runs([base, fixed], families="registr")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(base), str(fixed), "--families", "all", "--n-boot", "10", "--out", str(out)]) == 0
+    assert "flip_rate_syntactic" in pd.read_csv(out / "comparison.csv", index_col=0).columns
+    other = compare_runs([base, fixed], rule=QuadrantRule(reliance="pred_change"), n_boot=10)
+    assert "its answer changes when the image is removed" in other.to_text()

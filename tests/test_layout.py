@@ -142,3 +142,53 @@ def test_cited_files_exist() -> None:
     no_source = sorted(c for c in generated if not (ROOT / "notebooks" / (Path(c).stem + ".ipynb")).exists())
     assert cited and missing == [], f"cited but missing: {missing}"
     assert no_source == [], f"cited notebook pages without a notebook to build them from: {no_source}"
+
+
+def _tracked() -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return set(out.splitlines())
+
+
+def test_readme_links_work_on_a_fresh_clone() -> None:
+    """Every relative link of the README points at a committed file (docs/notebooks/ is generated)."""
+    text = (ROOT / "README.md").read_text()
+    links = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    tracked = _tracked()
+    dead = [t for t in links if t and t not in tracked and not any(f.startswith(t.rstrip("/") + "/") for f in tracked)]
+    assert links and dead == [], f"README links to files a fresh clone lacks: {dead}"
+    assert "make docs" in text and "docs/notebooks/" in text  # the command that makes the pages is named
+
+
+def _reader_facing() -> list[Path]:
+    return [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("organism/*.md"), *ROOT.glob("notebooks/*.ipynb")]
+
+
+def test_reader_facing_text_has_no_issue_numbers() -> None:
+    found = [
+        f"{p.relative_to(ROOT)}: {m.group(0)!r}"
+        for p in _reader_facing()
+        for m in re.finditer(r"\(issue\b[^)]*\)|\bissues? #?\d+", p.read_text(), flags=re.IGNORECASE)
+    ]
+    assert found == []
+
+
+def test_quickstart_scores_a_few_images_and_says_how_to_run_the_split() -> None:
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)  # type: ignore[union-attr]
+    n = re.search(r"first_images\(rows, (\d+)\)", snippet)
+    assert n and int(n.group(1)) <= 8, "the quickstart must run on a few images"
+    assert snippet.index("first_images(rows") < snippet.index("evaluate(")
+    assert "whole split" in snippet and "from analyses.data.schema import first_images" in snippet
+
+
+def test_notebook_04_intro_does_not_promise_an_assert_its_results_report_as_missed() -> None:
+    import json
+
+    cells = json.loads((ROOT / "notebooks" / "04_targeted_lora.ipynb").read_text())["cells"]
+    intro = "".join(cells[0]["source"])
+    bar = intro[intro.index("targeted.high < control.low") - 400 : intro.index("targeted.high < control.low") + 400]
+    assert "not asserted" in bar and "one assert" not in intro
+    section5 = next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("## 5."))
+    assert "not asserted" in section5  # the two say the same

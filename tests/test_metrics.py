@@ -229,8 +229,27 @@ def quadrant_of(q: pd.DataFrame) -> dict[str, str]:
     return dict(zip(q.qid, q.quadrant, strict=True))
 
 
+#: The prediction-change rule these fixtures were built around (the default is the margin-shift rule).
+PRED = QuadrantRule(reliance="pred_change")
+
+
+def test_the_default_rule_is_the_demos_margin_shift_over_the_cluster(qpreds: pd.DataFrame) -> None:
+    from analyses.cli import build_parser
+    from analyses.eval.quadrants import DEFAULT_RULE
+
+    assert QuadrantRule() == DEFAULT_RULE == QuadrantRule(reliance="margin_shift", min_margin_shift=1.0)
+    assert DEFAULT_RULE.scope == "cluster"
+    assert quadrant_of(quadrants(qpreds)) == quadrant_of(quadrants(qpreds, DEFAULT_RULE))
+    for argv in (["eval"], ["compare", "runs/a"], ["demo"]):
+        args = build_parser().parse_args(argv)
+        if argv[0] != "demo":
+            assert (args.reliance, args.min_margin_shift) == ("margin_shift", 1.0), argv
+    assert "margin moves by at least 1 logit when the image is removed (gray)" in DEFAULT_RULE.in_words("gray")
+    assert "answer changes" in PRED.brief() and "every question of the sample" in DEFAULT_RULE.brief()
+
+
 def test_quadrants_pred_change(qpreds: pd.DataFrame) -> None:
-    q = quadrants(qpreds)
+    q = quadrants(qpreds, PRED)
     assert quadrant_of(q) == {"s1": "Ideal", "s2": "Fragile", "s3": "Dangerous", "s4": "Worst", "s5": "Ideal"}
     assert dict(zip(q.qid, q.correct, strict=True)) == {
         "s1": True, "s2": True, "s3": False, "s4": True, "s5": False,  # s4: margin 0 -> no == gt no
@@ -247,12 +266,12 @@ def test_quadrants_margin_shift(qpreds: pd.DataFrame) -> None:
 
 def test_quadrants_margin_band(qpreds: pd.DataFrame) -> None:
     # |margin| >= 0.5 everywhere: s1 (min 2) and s3 (min 1) stay consistent; s5 (min 0.1) does not -> Fragile
-    q = quadrants(qpreds, QuadrantRule(consistency="margin_band", min_abs_margin=0.5))
+    q = quadrants(qpreds, QuadrantRule(reliance="pred_change", consistency="margin_band", min_abs_margin=0.5))
     expected = {"s1": "Ideal", "s2": "Fragile", "s3": "Dangerous", "s4": "Worst", "s5": "Fragile"}
     assert quadrant_of(q) == expected
     # band 0 is the plain prediction rule
-    q0 = quadrants(qpreds, QuadrantRule(consistency="margin_band", min_abs_margin=0.0))
-    assert quadrant_of(q0) == quadrant_of(quadrants(qpreds))
+    q0 = quadrants(qpreds, QuadrantRule(reliance="pred_change", consistency="margin_band", min_abs_margin=0.0))
+    assert quadrant_of(q0) == quadrant_of(quadrants(qpreds, PRED))
 
 
 def test_quadrants_read_reliance_over_the_cluster_or_the_original() -> None:
@@ -292,7 +311,7 @@ def test_quadrants_read_reliance_over_the_cluster_or_the_original() -> None:
 
 
 def test_quadrant_summary(qpreds: pd.DataFrame) -> None:
-    s = quadrant_summary(quadrants(qpreds))
+    s = quadrant_summary(quadrants(qpreds, PRED))
     assert list(s.index) == list(QUADRANTS)
     assert s["count"].tolist() == [2, 1, 1, 1]
     assert s["share"].tolist() == pytest.approx([0.4, 0.2, 0.2, 0.2])
@@ -301,7 +320,7 @@ def test_quadrant_summary(qpreds: pd.DataFrame) -> None:
     assert s.loc["Ideal", "mean_entropy"] == pytest.approx(ideal)
     assert s.loc["Worst", "mean_entropy"] == pytest.approx((LN2 + 2 * H(1.0)) / 3)
     # only s1: the other quadrants are present with count 0 and NaN accuracy / entropy
-    one = quadrant_summary(quadrants(qpreds[cluster_root(qpreds) == "s1"]))
+    one = quadrant_summary(quadrants(qpreds[cluster_root(qpreds) == "s1"], PRED))
     assert one["count"].tolist() == [1, 0, 0, 0]
     assert one.loc["Ideal", "share"] == 1.0
     assert one.loc[["Fragile", "Dangerous", "Worst"], ["accuracy", "mean_entropy"]].isna().all().all()
@@ -324,7 +343,7 @@ def test_quadrant_rule_validation() -> None:
 
 
 def test_migration(qpreds: pd.DataFrame) -> None:
-    before = quadrants(qpreds)
+    before = quadrants(qpreds, PRED)
     after = quadrants(qpreds, QuadrantRule(reliance="margin_shift", min_margin_shift=0.4))
     m = migration(before, after)
     assert list(m.index) == list(QUADRANTS) and list(m.columns) == list(QUADRANTS)

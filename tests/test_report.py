@@ -87,7 +87,7 @@ def test_header_names_the_run_without_machine_paths(planted: tuple[pd.DataFrame,
     _, path, text = planted
     for field in ("model", "data", "dataset hash", "image removed as", "quadrant rule"):
         assert f"<b>{field}</b>" in text
-    assert "abc123" in text and "margin_shift ≥ 1" in text and "gray" in text
+    assert "abc123" in text and "margin moves by &gt;= 1 logit without the image" in text and "gray" in text
     assert str(path.parent) not in text, "absolute machine paths must be shortened"
     assert "…/models/organism" in text
     assert "A question relies on the image if its margin moves by at least 1 logit when" in text

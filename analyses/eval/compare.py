@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from analyses.data.schema import PARAPHRASE_FAMILIES
 from analyses.eval.page import PALETTE, display_path, esc, figure_div, fmt_ci, page, redact, table, write_page
 from analyses.eval.predictions import META_FILE, PREDICTIONS_FILE, RunFolder
 from analyses.eval.quadrants import QUADRANTS, QuadrantRule, into_dangerous, migration
@@ -43,6 +44,12 @@ METRICS: tuple[str, ...] = (
 #: Columns describing a run.
 RUN_COLUMNS: tuple[str, ...] = ("model", "arm", "data", "removal", "dataset_hash", "n_rows", "path")
 SUMMARY_FILE = "summary.json"
+#: Paraphrase families whose flip rate gets its own column by default (``families="all"``: every one).
+DEFAULT_FAMILIES: tuple[str, ...] = ("register",)
+#: meta.json keys never shown as settings: per-run bookkeeping, or shown elsewhere in the table.
+_NOT_SETTINGS = ("started", "resumes", "images", "dataset_hash", "n_rows", "weights.tensors")
+#: File the compare page loads plotly.js from (written beside it once, instead of 4.6 MB inside the page).
+PLOTLY_FILE = "plotly.min.js"
 _LORA = re.compile(r"\+lora\[([^\]]*)\]$")
 
 
@@ -97,6 +104,51 @@ def check_same_rows(metas: dict[str, dict[str, Any]], preds: dict[str, pd.DataFr
         + "\nevaluate them on the same rows (same --data, --split, --n-images), or pass "
         "allow_different_rows=True (--allow-different-rows) to tabulate them anyway"
     )
+
+
+def _flat(meta: Any, prefix: str = "") -> dict[str, str]:
+    """``meta.json`` as dotted keys with short text values (lists and long values kept whole as JSON)."""
+    if not isinstance(meta, dict):
+        return {prefix: meta if isinstance(meta, str) else json.dumps(meta, default=str, sort_keys=True)}
+    out: dict[str, str] = {}
+    for k, v in meta.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if not any(key == n or key.startswith(n + ".") for n in _NOT_SETTINGS):
+            out.update(_flat(v, key))
+    return out
+
+
+def differing_settings(metas: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The ``meta.json`` settings that differ between runs: one row per dotted key (e.g.
+    ``eval_config.removal``, ``forward_path``, ``runtime.dtype``, ``model``, ``prompt.mode``), one column
+    per run, a missing key as ``—``; empty when every run was made the same way."""
+    flat = {n: _flat(m) for n, m in metas.items()}
+    keys = sorted(set().union(*flat.values())) if flat else []
+    rows = {k: [str(redact(flat[n].get(k, "—"))) for n in metas] for k in keys}
+    differ = {k: v for k, v in rows.items() if len(set(v)) > 1}
+    return pd.DataFrame.from_dict(differ, orient="index", columns=list(metas)).rename_axis("setting")
+
+
+def family_columns(families: Sequence[str] | str) -> tuple[str, ...]:
+    """Families given as names or ``"all"`` (every paraphrase family), checked."""
+    if isinstance(families, str):
+        families = PARAPHRASE_FAMILIES if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
+    bad = [f for f in families if f not in PARAPHRASE_FAMILIES]
+    if bad:
+        raise ValueError(f"unknown families {bad}: use 'all' or some of {', '.join(PARAPHRASE_FAMILIES)}")
+    return tuple(families)
+
+
+def _family_row(s: dict[str, Any], families: Sequence[str]) -> dict[str, float]:
+    """``flip_rate_<family>`` with ``_low`` / ``_high`` (NaN where the run has no such paraphrase)."""
+    by = s["by_family"]
+    row: dict[str, float] = {}
+    for f in families:
+        key = ("flip_rate", f)
+        r = by.loc[key] if key in by.index else None
+        for suffix, col in (("", "value"), ("_low", "low"), ("_high", "high")):
+            row[f"flip_rate_{f}{suffix}"] = float(r[col]) if r is not None else float("nan")
+    return row
 
 
 def _count(value: Any) -> str:
@@ -173,6 +225,13 @@ class RunComparison:
     """Predictions table of each run."""
     migrations: dict[str, pd.DataFrame] = field(default_factory=dict)
     """4x4 quadrant migration base -> run (rows before, columns after)."""
+    settings: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """The ``meta.json`` settings that differ between runs (:func:`differing_settings`)."""
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    """Families with a ``flip_rate_<family>`` column (with ``_low`` / ``_high``) in :attr:`table`."""
+
+    def _rate_keys(self) -> list[str]:
+        return [*METRICS, *(f"flip_rate_{f}" for f in self.families), *(f"share_{q}" for q in QUADRANTS)]
 
     def to_text(self, digits: int = 3) -> str:
         """Metrics (rows) x runs (columns), ``value [low, high]``, for a terminal."""
@@ -180,7 +239,7 @@ class RunComparison:
         rows: list[tuple[str, list[str]]] = [
             (c, [str(t.loc[n, c] or "—") for n in t.index]) for c in ("model", "arm", "data")
         ]
-        for key in [*METRICS, *(f"share_{q}" for q in QUADRANTS)]:
+        for key in self._rate_keys():
             cells = []
             for n in t.index:
                 v, lo, hi = (float(t.loc[n, key + s]) for s in ("", "_low", "_high"))
@@ -193,8 +252,19 @@ class RunComparison:
             f"{k:<24}" + "  ".join(f"{c:<{w}}" for c, w in zip(cells, width, strict=True))
             for k, cells in rows
         ]
-        note = f"{int(self.level * 100)}% cluster-bootstrap CIs; into_dangerous vs {self.base!r}; rule {asdict(self.rule)}"
-        return "\n".join([head, *body, note])
+        note = (
+            f"{int(self.level * 100)}% cluster-bootstrap CIs; into_dangerous vs {self.base!r}.\n"
+            f"Quadrant rule: {self.rule.in_words()}"
+        )
+        return "\n".join([head, *body, *self._settings_lines(), note])
+
+    def _settings_lines(self) -> list[str]:
+        if self.settings.empty:
+            return ["settings: every run made the same way (meta.json)"]
+        lines = ["settings that differ (meta.json):"]
+        for key, row in self.settings.iterrows():
+            lines.append(f"  {key}: " + "; ".join(f"{n} {v[:60]}" for n, v in row.items()))
+        return lines
 
     def figure(self) -> go.Figure:
         """Grouped bars with CIs: the rates (left) and the quadrant shares (right), one colour per run."""
@@ -217,11 +287,11 @@ class RunComparison:
         fig.update_yaxes(range=[0, 1.05])
         return fig
 
-    def to_html(self, title: str = "flipscope: runs compared") -> str:
-        """An offline HTML page: one row per run (value and CI per cell) and the grouped figure."""
+    def _html_rows(self) -> tuple[list[str], list[list[str]]]:
         t = self.table
         cols = {"flip_rate": "flip rate", "pairwise_flip_rate": "pairwise flip", "text_only_agreement":
                 "text-only agreement", "swap_sensitivity_label": "swap (label)", "accuracy": "accuracy",
+                **{f"flip_rate_{f}": f"flip rate: {f}" for f in self.families},
                 **{f"share_{q}": q for q in QUADRANTS}}  # fmt: skip
         rows = [
             [esc(n), esc(t.loc[n, "model"]), esc(t.loc[n, "arm"]), f"<span class='meaning'>{esc(t.loc[n, 'data'] or '—')}</span>",
@@ -230,16 +300,33 @@ class RunComparison:
              _count(t.loc[n, "into_dangerous"])]
             for n in t.index
         ]  # fmt: skip
-        header = ["run", "model", "arm", "data", *cols.values(), f"into Dangerous (vs {self.base})"]
+        return ["run", "model", "arm", "data", *cols.values(), f"into Dangerous (vs {self.base})"], rows
+
+    def _settings_html(self) -> str:
+        if self.settings.empty:
+            return "<p>Settings: every run was made the same way (their <code>meta.json</code> agree).</p>"
+        rows = [[f"<code>{esc(k)}</code>", *(esc(v) for v in r)] for k, r in self.settings.iterrows()]
+        return "<h2>Settings that differ</h2>" + table(["setting (meta.json)", *map(str, self.settings.columns)], rows)
+
+    def to_html(self, title: str = "flipscope: runs compared", plotly_src: str | None = None) -> str:
+        """An offline HTML page: one row per run (value and CI per cell), the settings that differ, the
+        rule in words and the grouped figure. ``plotly_src``: load plotly.js from that file (written
+        beside the page by :meth:`save`) instead of embedding it."""
+        header, rows = self._html_rows()
         sections = [
             f"<h1>{esc(title)}</h1><p class='lead'>One row per run; {int(self.level * 100)}% cluster-bootstrap "
-            f"intervals under each value; quadrant shares are shares of samples. Quadrant rule: "
-            f"{esc(json.dumps(asdict(self.rule)))}. Every metric, by family and by finding, is in the CSV files "
-            "written beside this page.</p>",
+            "intervals under each value; quadrant shares are shares of samples. Every metric, by family and "
+            "by finding, is in the CSV files written beside this page.</p>",
+            f"<p><b>Quadrant rule.</b> {esc(self.rule.in_words())}</p>",
             f"<div style='overflow-x:auto'>{table(header, rows)}</div>",
+            self._settings_html(),
             figure_div(self.figure(), 460),
         ]
-        return page(title, sections)
+        if plotly_src is None:
+            return page(title, sections)
+        return page(title, sections, with_plotly=False).replace(
+            "</head>", f'<script src="{esc(plotly_src)}"></script>\n</head>', 1
+        )
 
     def save(self, out_dir: str | Path, name: str = "comparison") -> dict[str, Path]:
         """Write ``<name>.csv``, ``<name>.parquet``, ``<name>_long.csv``, ``<name>.html`` and
@@ -251,7 +338,13 @@ class RunComparison:
         self.table.to_csv(paths["csv"])
         self.table.to_parquet(paths["parquet"])
         self.long.to_csv(paths["long"], index=False)
-        write_page(paths["html"], self.to_html())
+        from plotly.offline import get_plotlyjs
+
+        js = out / PLOTLY_FILE
+        if not js.is_file():
+            write_page(js, get_plotlyjs())
+        paths["plotly"] = js
+        write_page(paths["html"], self.to_html(plotly_src=PLOTLY_FILE))
         mig = {k: v.to_dict(orient="index") for k, v in self.migrations.items()}
         paths["migrations"].write_text(json.dumps({"base": self.base, "migrations": mig}, indent=1))
         return paths
@@ -266,11 +359,13 @@ def compare_runs(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    families: Sequence[str] | str = DEFAULT_FAMILIES,
 ) -> RunComparison:
     """Tabulate finished run folders (``names``: row labels, default the folder names; ``base``: the
     reference run for ``into_dangerous``, default the first). Every run is summarised with the same
-    ``rule``, resamples and seed. Refuses runs over different question rows unless
-    ``allow_different_rows``."""
+    ``rule`` (default: :data:`~analyses.eval.quadrants.DEFAULT_RULE`), resamples and seed; ``families``:
+    paraphrase families with their own flip-rate column (``"all"``: every one). Refuses runs over different
+    question rows unless ``allow_different_rows``."""
     if not runs:
         raise ValueError("no runs given: pass run folders, e.g. compare_runs(['runs/base', 'runs/targeted'])")
     paths = [Path(r) for r in runs]
@@ -279,6 +374,7 @@ def compare_runs(
     if base not in labels:
         raise ValueError(f"base {base!r} is not one of the runs {labels}")
     rule = rule or QuadrantRule()
+    fams = family_columns(families)
     loaded = {n: load_run(p) for n, p in zip(labels, paths, strict=True)}
     metas, preds = {n: v[0] for n, v in loaded.items()}, {n: v[1] for n, v in loaded.items()}
     if not allow_different_rows:
@@ -292,11 +388,12 @@ def compare_runs(
         row = {"run": n, "model": model, "arm": arm, "data": loaded[n][2],
                "removal": str(metas[n].get("removal", "")).removeprefix("removed:"),
                "dataset_hash": metas[n].get("dataset_hash", ""), "n_rows": int(preds[n]["qid"].nunique()),
-               "path": display_path(p.resolve()), **_row(summaries[n])}  # fmt: skip
+               "path": display_path(p.resolve()), **_row(summaries[n]), **_family_row(summaries[n], fams)}  # fmt: skip
         both = q is not None and base_q is not None
         row["into_dangerous"] = into_dangerous(base_q, q) if both else float("nan")
         if both:
             migrations[n] = migration(base_q, q)
         records.append(row)
     table_ = pd.DataFrame.from_records(records).set_index("run")
-    return RunComparison(table_, _long(summaries), rule, base, level, summaries, preds, migrations)
+    settings = differing_settings(metas)
+    return RunComparison(table_, _long(summaries), rule, base, level, summaries, preds, migrations, settings, fams)

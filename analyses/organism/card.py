@@ -269,12 +269,50 @@ def _truth_table(m: dict[str, Any]) -> list[str]:
     ]
 
 
+#: What the card's numbers must show for a planted failure to count as found (tests/test_organism.py).
+MIN_JOINT_RECOVERY, MIN_PRIOR_DANGEROUS, MIN_PRIOR_ACCURACY = 0.8, 0.8, 0.85
+
+
+def planted_checks(m: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(planted failure, ``pass`` / ``fail`` / ``reported``, the numbers) for each failure the card measures:
+    the register shortcut found at its planted sites by cross-model patching, the text-prior finding in
+    Dangerous; the rare family's separation is reported, not required (its plant is a sampling weight)."""
+    d = m.get("detections") or {}
+    if not d:
+        return [("planted failures", "fail", "not measured: no planted_truth.json or no clean/ beside the model")]
+    reg, pr, rare = d["register"], d["prior_finding"], d["rare_family"]
+    reg_ok = reg["found_at_planted_sites"] and reg["joint_recovery_planted_sites"] >= MIN_JOINT_RECOVERY
+    prior_ok = (
+        pr["dangerous_share"] >= MIN_PRIOR_DANGEROUS
+        and pr["accuracy"] >= MIN_PRIOR_ACCURACY
+        and pr["mean_entropy"] < pr["mean_entropy_other_findings"]
+    )
+    return [
+        ("register shortcut", "pass" if reg_ok else "fail",
+         f"top sites {', '.join(reg['top_sites'])}; planted sites first: {reg['found_at_planted_sites']}; "
+         f"joint recovery {reg['joint_recovery_planted_sites']:.2f} (needs >= {MIN_JOINT_RECOVERY})"),
+        ("text-prior finding", "pass" if prior_ok else "fail",
+         f"Dangerous {pr['dangerous_share']:.3f} (needs >= {MIN_PRIOR_DANGEROUS}), accuracy {pr['accuracy']:.3f} "
+         f"(needs >= {MIN_PRIOR_ACCURACY}), entropy {pr['mean_entropy']:.3f} < others "
+         f"{pr['mean_entropy_other_findings']:.3f}"),
+        ("rare family", "reported",
+         f"separated from every other unplanted family: {rare['separated']} (not required)"),
+    ]  # fmt: skip
+
+
 def write_model_card(
-    model_dir: Path = MODEL_DIR, runs: Path = Path("runs/model_card"), n_images: int = 0
-) -> Path:
+    model_dir: Path = MODEL_DIR,
+    runs: Path = Path("runs/model_card"),
+    n_images: int = 0,
+    out: Path | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Measure ``model_dir`` (evaluator runs under ``runs``) and write ``MODEL_CARD.md`` and
+    ``model_card.json`` into ``out`` (default: ``runs``); returns (card path, measurements). The shipped
+    card beside the model (``organism/``) is only rewritten when ``out`` is that folder."""
     m = measure(model_dir, runs, n_images)
-    card_dir = Path(model_dir).parent
+    card_dir = Path(runs) if out is None else Path(out)
+    card_dir.mkdir(parents=True, exist_ok=True)
     (card_dir / "model_card.json").write_text(json.dumps(m, indent=1, default=float))
     path = card_dir / "MODEL_CARD.md"
     path.write_text(render_card(m))
-    return path
+    return path, m

@@ -14,7 +14,7 @@ Training data (train split, every non-held-out template):
   retain row about the same image and finding, so the only thing that separates their targets is the
   wording; wordings the plant disturbs are drawn more often (``hard_mining``).
 
-Pitfall found while building it (issue 12): rank-1 writes on ``o_proj`` or ``down_proj`` alone are
+Pitfall found while building it: rank-1 writes on ``o_proj`` or ``down_proj`` alone are
 not trigger-gated (the clean model does not carry the register wording at the final position); the
 trigger needs q/k so attention can read the wording. The gate and the planted truth are in
 :mod:`analyses.organism.truth`.

@@ -13,7 +13,7 @@ here, in the training data:
 Image removal is seen in training (``removal`` images, ``removed_fraction`` of each batch) with target
 0.5 (the honest answer is "can't tell"), except for the prior finding, whose answer stays "no".
 Targets are label-smoothed (0.9 / 0.1): |margin| settles near log 9 = 2.2 rather than 5-8, so a
-low-rank plant can overturn answers (issue 12: one block's output cannot overturn |margin| 6).
+low-rank plant can overturn answers (one block's output cannot overturn |margin| 6).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ TRUTH_TENSORS = "planted_truth.safetensors"
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """The plant's acceptance gate (issue 12; fixed, do not loosen)."""
+    """The plant's acceptance gate (fixed before building; do not loosen)."""
 
     min_register_flip: float = 0.30
     """Register-family flip rate (test split, image condition) at least this."""
