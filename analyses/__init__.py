@@ -12,3 +12,5 @@
 Everything here builds on ``hooks`` (model adapters) and ``interp`` (primitives). ``tests/test_layout.py``
 checks the direction of every import.
 """
+
+import hooks.progress  # noqa: F401  (in a notebook kernel: no widget-bar warnings, no HF bars)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import hooks.progress  # (in a notebook kernel: no widget-bar warnings, no HF bars)
+
 #: Public name -> submodule of ``interp`` that defines it.
 EXPORTS: dict[str, str] = {
     # interp.cache

@@ -9,3 +9,5 @@
 
 Submodules are imported explicitly (nothing heavy is imported here, so the CLI parser stays fast).
 """
+
+import hooks.progress  # noqa: F401  (in a notebook kernel: no widget-bar warnings, no HF bars)

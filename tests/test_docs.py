@@ -67,3 +67,26 @@ def test_remote_resources_are_refused() -> None:
     assert build.offline_html('<p>x</p><script src="https://cdn/x.js"></script>') == "<p>x</p>"
     with pytest.raises(ValueError, match="remote resources"):
         build.offline_html('<link rel="stylesheet" href="https://cdn/x.css">')
+
+
+def test_a_notebook_using_the_project_renders_without_warnings_or_bars(tmp_path: Path) -> None:
+    """Loading the organism, evaluating, wrapping LoRA and patching in a kernel: no TqdmWarning block,
+    no FutureWarning, no progress-bar lines in the page."""
+    build = _builder()
+    nb = _notebook(tmp_path / "clean.ipynb", [
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from analyses.data.schema import first_images\nfrom analyses.eval.evaluate import EvalConfig, evaluate\n"
+        "from analyses.organism.model import load_organism, organism_rows\nfrom lora_targeted.train import wrap_lora",
+        "adapter = load_organism()\nworld, rows = organism_rows('test')\nrows = first_images(rows, 1)\n"
+        f"df = evaluate(adapter, rows, world.image_for, {str(tmp_path / 'run')!r}, EvalConfig(batch_size=64))\n"
+        "print('rows', len(df))",
+        "peft_model, lora = wrap_lora(adapter, [3])\nprint('wrapped', lora.name)",
+    ])  # fmt: skip
+    page, error = build.build(nb, tmp_path / "out")
+    assert error is None
+    outputs = [o for c in nbformat.read(nb, as_version=4).cells for o in c.get("outputs", [])]
+    assert outputs == []  # the notebook file stays bare; read the page instead
+    text = page.read_text()
+    assert "rows " in text and "+lora[3]" in text
+    for bad in ("TqdmWarning", "IProgress", "FutureWarning", "it/s]", "Loading weights"):
+        assert bad not in text, bad

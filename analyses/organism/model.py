@@ -25,6 +25,7 @@ from analyses.data.resolve import Dataset
 from analyses.data.schema import QuestionRow
 from analyses.synthcxr.world import SynthCXRConfig, SynthCXRWorld
 from hooks.adapter import AdapterConfig, VLMAdapter
+from hooks.progress import quiet_in_notebook
 from hooks.tiny import TinyGemma3Config, build_word_tokenizer, tiny_gemma3
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def load_organism(path: Path | str = MODEL_DIR, config: AdapterConfig | None = N
         raise FileNotFoundError(
             f"no organism checkpoint at {path}; train one with `flipscope organism train`"
         )
+    quiet_in_notebook()
     return VLMAdapter.from_pretrained(path, config=config or AdapterConfig(expected_image_size=64))
 
 
