@@ -417,12 +417,7 @@ def _add_eval_parser(sub: Any) -> None:
     ev.set_defaults(func=_cmd_eval)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from analyses.data.resolve import add_data_arguments, add_model_arguments
-
-    p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_organism_parsers(sub: Any) -> None:
     org = sub.add_parser("organism", help="the SynthCXR model organism").add_subparsers(
         dest="action", required=True
     )
@@ -460,6 +455,46 @@ def build_parser() -> argparse.ArgumentParser:
     sae.add_argument("--seed", type=int, default=0)
     sae.set_defaults(func=_cmd_organism_sae)
 
+
+def _add_compare_parser(sub: Any) -> None:
+    from analyses.eval.compare import DEFAULT_FAMILIES
+
+    cmp = sub.add_parser(
+        "compare",
+        formatter_class=_HelpFormatter,
+        help="tabulate finished run folders: metrics and quadrant shares with CIs, one row per run",
+    )
+    cmp.add_argument(
+        "runs", nargs="+", help="run folders (meta.json + predictions.jsonl), e.g. runs/a runs/b"
+    )
+    cmp.add_argument("--names", default="", help="comma-separated row labels (default: the folder names)")
+    cmp.add_argument(
+        "--base", default=None, help="run that into_dangerous is relative to (default: the first)"
+    )
+    cmp.add_argument(
+        "--allow-different-rows",
+        action="store_true",
+        help="tabulate runs over different question rows anyway",
+    )
+    cmp.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_rule_arguments(cmp)
+    cmp.add_argument(
+        "--families",
+        default=",".join(DEFAULT_FAMILIES),
+        help="paraphrase families with their own flip-rate column, comma-separated, or 'all'",
+    )
+    cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"), help="folder for the table, page and CSVs")
+    cmp.set_defaults(func=_cmd_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from analyses.data.resolve import add_data_arguments, add_model_arguments
+
+    p = argparse.ArgumentParser(prog="flipscope", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    _add_organism_parsers(sub)
     _add_eval_parser(sub)
 
     ca = sub.add_parser(
@@ -492,35 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="start the --out folder afresh")
     demo.set_defaults(func=_cmd_demo)
 
-    from analyses.eval.compare import DEFAULT_FAMILIES
-
-    cmp = sub.add_parser(
-        "compare",
-        formatter_class=_HelpFormatter,
-        help="tabulate finished run folders: metrics and quadrant shares with CIs, one row per run"
-    )
-    cmp.add_argument(
-        "runs", nargs="+", help="run folders (meta.json + predictions.jsonl), e.g. runs/a runs/b"
-    )
-    cmp.add_argument("--names", default="", help="comma-separated row labels (default: the folder names)")
-    cmp.add_argument(
-        "--base", default=None, help="run that into_dangerous is relative to (default: the first)"
-    )
-    cmp.add_argument(
-        "--allow-different-rows",
-        action="store_true",
-        help="tabulate runs over different question rows anyway",
-    )
-    cmp.add_argument("--n-boot", type=int, default=1000)
-    cmp.add_argument("--seed", type=int, default=0)
-    _add_rule_arguments(cmp)
-    cmp.add_argument(
-        "--families",
-        default=",".join(DEFAULT_FAMILIES),
-        help="paraphrase families with their own flip-rate column, comma-separated, or 'all'",
-    )
-    cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"))
-    cmp.set_defaults(func=_cmd_compare)
+    _add_compare_parser(sub)
 
     from lora_targeted.cli import add_lora_parser
 

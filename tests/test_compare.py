@@ -165,7 +165,7 @@ def test_family_columns_and_the_rule_in_words(runs: tuple[Path, Path, Path], tmp
     )
     assert t.loc["base", "flip_rate_register"] > 0 and "flip_rate_lexical" not in t.columns
     html = comp.to_html()
-    assert "flip rate: register" in html and DEFAULT_RULE.in_words() in html.replace("&#x27;", "'")
+    assert "flip rate: register" in html and DEFAULT_RULE.in_words("gray") in html.replace("&#x27;", "'")
     assert '"reliance"' not in html and "reliance':" not in comp.to_text()
     every = compare_runs([base, fixed], n_boot=10, families="all")
     assert all(f"flip_rate_{f}" in every.table.columns for f in PARAPHRASE_FAMILIES)
@@ -176,3 +176,18 @@ def test_family_columns_and_the_rule_in_words(runs: tuple[Path, Path, Path], tmp
     assert "flip_rate_syntactic" in pd.read_csv(out / "comparison.csv", index_col=0).columns
     other = compare_runs([base, fixed], rule=QuadrantRule(reliance="pred_change"), n_boot=10)
     assert "its answer changes when the image is removed" in other.to_text()
+
+
+def test_compare_page_renders_in_chromium_with_plotly_from_beside_it(
+    runs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from analyses.eval.browser import find_chromium, probe_page
+
+    paths = compare_runs(runs[:2], n_boot=20).save(tmp_path)
+    assert "image is removed (gray)" in paths["html"].read_text()
+    chromium, how = find_chromium()
+    if chromium is None:
+        pytest.skip(f"page written; not rendered: {how}")
+    seen = probe_page(paths["html"], chromium)
+    assert seen["errors"] == [] and seen["has_plotly"] and [f["rendered"] for f in seen["figures"]] == [True]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".probe")) == []

@@ -114,12 +114,15 @@ def probe_page(
     if "<head>" not in text and "<head " not in text:
         raise ValueError(f"{page} has no <head>: pass a complete HTML document")
     head_end = text.index(">", text.index("<head")) + 1
-    with tempfile.TemporaryDirectory(prefix="flipscope-probe-") as tmp:
-        probed = Path(tmp) / "page.html"
-        probed.write_text(text[:head_end] + _PROBE + text[head_end:], encoding="utf-8")
+    # the copy sits beside the page, so files the page loads from its folder (plotly.min.js) are found
+    probed = Path(page).with_name(f".probe-{os.getpid()}-{Path(page).name}")
+    probed.write_text(text[:head_end] + _PROBE + text[head_end:], encoding="utf-8")
+    try:
         args = [f"--window-size={window[0]},{window[1]}", "--virtual-time-budget=15000", "--dump-dom",
-                probed.as_uri()]  # fmt: skip
+                probed.resolve().as_uri()]  # fmt: skip
         done = _run(chromium, args, timeout_s)
+    finally:
+        probed.unlink(missing_ok=True)
     start = done.stdout.find(f'<pre id="{_PROBE_ID}">')
     if start < 0:
         raise RuntimeError(

@@ -302,6 +302,11 @@ class RunComparison:
         ]  # fmt: skip
         return ["run", "model", "arm", "data", *cols.values(), f"into Dangerous (vs {self.base})"], rows
 
+    def _removal(self) -> str:
+        """How the image was removed, when every run removed it the same way (else empty)."""
+        kinds = set(self.table["removal"]) if "removal" in self.table else set()
+        return str(next(iter(kinds))) if len(kinds) == 1 else ""
+
     def _settings_html(self) -> str:
         if self.settings.empty:
             return "<p>Settings: every run was made the same way (their <code>meta.json</code> agree).</p>"
@@ -317,7 +322,7 @@ class RunComparison:
             f"<h1>{esc(title)}</h1><p class='lead'>One row per run; {int(self.level * 100)}% cluster-bootstrap "
             "intervals under each value; quadrant shares are shares of samples. Every metric, by family and "
             "by finding, is in the CSV files written beside this page.</p>",
-            f"<p><b>Quadrant rule.</b> {esc(self.rule.in_words())}</p>",
+            f"<p><b>Quadrant rule.</b> {esc(self.rule.in_words(self._removal()))}</p>",
             f"<div style='overflow-x:auto'>{table(header, rows)}</div>",
             self._settings_html(),
             figure_div(self.figure(), 460),
