@@ -228,3 +228,20 @@ def test_pair_attention_in_box_rows_groups_and_exclusions(planted_setup) -> None
         pair_attention_in_box(adapter, scored, world.image_for, world.boxes(), 64,
                               exclude_findings=sorted({p.original.finding for p in scored.pairs}))  # fmt: skip
     assert isinstance(scored.pairs[0], Pair)
+
+
+def test_progress_bars_are_text_bars_off_in_a_notebook_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from tqdm.std import tqdm as text_tqdm
+
+    from hooks.progress import in_notebook, tqdm
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert not in_notebook()
+    bar = tqdm(total=3, file=sys.stderr)
+    assert isinstance(bar, text_tqdm) and type(bar).__mro__[1] is text_tqdm and not bar.disable
+    bar.close()
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert in_notebook() and tqdm(total=3).disable and tqdm(total=3, disable=True).disable
