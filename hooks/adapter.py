@@ -312,7 +312,9 @@ class VLMAdapter:
     ) -> Batch:
         r""":meth:`prepare` for images already :meth:`encode`\ d: the tokenizer alone, no image processing.
         Pass ``image_features=layout_features(images)`` (:func:`hooks.layout.layout_features`) to score it."""
-        return build_layout(self, list(questions), list(images), None if conditions is None else list(conditions))
+        return build_layout(
+            self, list(questions), list(images), None if conditions is None else list(conditions)
+        )
 
     def image_features(self, image_inputs: dict[str, Tensor]) -> list[Float[Tensor, "tokens d_model"]]:
         """Features of each image as the model writes them into its image tokens (vision tower,
@@ -416,7 +418,9 @@ class VLMAdapter:
         from hooks.prefix import PrefixStore, prefix_margins, reusable
 
         if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+            raise ValueError(
+                f"{len(images)} images but {len(questions)} questions: pass one image per question"
+            )
         bs = batch_size or self.config.batch_size
         keys = [None if im is None else (str(im) if isinstance(im, str | Path) else id(im)) for im in images]
         encoded: dict[Any, EncodedImage] = {}

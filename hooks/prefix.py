@@ -170,9 +170,7 @@ def _image_rows(
     ends = prefix_ends(batch).tolist()
     first = (batch.attention_mask.long().cumsum(-1) == 0).sum(-1).tolist()  # left padding per row
     ids = batch.input_ids
-    row_key = {
-        r: (keys[k], tuple(ids[r, first[r] : ends[r]].tolist())) for k, r in enumerate(rows)
-    }
+    row_key = {r: (keys[k], tuple(ids[r, first[r] : ends[r]].tolist())) for k, r in enumerate(rows)}
     longest = max(ends[r] - first[r] for r in rows) + max(batch.seq_len - ends[r] for r in rows)
     if not _window_ok(adapter, longest):
         sub = batch.select(rows)
@@ -202,7 +200,9 @@ def _run_prefixes(
     lens = [ends[r] - first[r] for r in rows]
     p = max(lens)
     sub = batch.select(rows)
-    cut = {name: _left_cut(v, first, ends, rows, p) for name, v in sub.inputs.items() if name != "position_ids"}
+    cut = {
+        name: _left_cut(v, first, ends, rows, p) for name, v in sub.inputs.items() if name != "position_ids"
+    }
     pos = batch.inputs["position_ids"]
     cut["position_ids"] = _left_cut(pos, first, ends, rows, p, from_batch=True)
     emb = _embed_prefix(adapter, cut["input_ids"], [todo[k][1] for k in keys])
