@@ -118,7 +118,7 @@ def image_first(adapter: VLMAdapter, question: str) -> bool:
 
 def _window_ok(adapter: VLMAdapter, total: int) -> bool:
     cfg = adapter.model.config.get_text_config()
-    window = getattr(cfg, "sliding_window", None)
+    window: Any = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None) or []
     sliding = window is not None and (not types or any("sliding" in x for x in types))
     return not sliding or total <= int(window) - 1
@@ -210,13 +210,14 @@ def _run_prefixes(
     kwargs = {k: v.to(dev) for k, v in cut.items() if k != "input_ids"}
     cache = DynamicCache(config=adapter.model.config)
     adapter.model(inputs_embeds=emb, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    layers: Any = cache.layers  # DynamicLayer / DynamicSlidingWindowLayer: .keys, .values
     for j, key in enumerate(keys):
         pad = p - lens[j]
         store.put(
             key,
             PrefixKV(
-                keys=[layer.keys[j, :, pad:].clone() for layer in cache.layers],
-                values=[layer.values[j, :, pad:].clone() for layer in cache.layers],
+                keys=[layer.keys[j, :, pad:].clone() for layer in layers],
+                values=[layer.values[j, :, pad:].clone() for layer in layers],
             ),
         )
 
