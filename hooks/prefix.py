@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -106,14 +106,21 @@ def reusable(batch: Batch) -> bool:
     return not bool(early.any())
 
 
-def image_first(adapter: VLMAdapter, question: str) -> bool:
-    """Whether ``adapter``'s prompt for ``question`` puts the image before the question text (read from
-    the rendered prompt, before tokenization: no image is needed)."""
+def image_order(adapter: VLMAdapter, question: str) -> Literal["before", "after"] | None:
+    """Where ``adapter``'s prompt for ``question`` puts the image relative to the question text, read from
+    the rendered prompt before tokenization (no image is needed); ``None`` if the image token is not in it."""
     from hooks.batch import render_prompts
 
     text = render_prompts(adapter, [question], [True])[0].text
     at = text.find(adapter.processor.image_token)
-    return 0 <= at < text.rfind(question.strip())
+    if at < 0:
+        return None
+    return "before" if at < text.rfind(question.strip()) else "after"
+
+
+def image_first(adapter: VLMAdapter, question: str) -> bool:
+    """Whether ``adapter``'s prompt for ``question`` puts the image before the question text."""
+    return image_order(adapter, question) == "before"
 
 
 def _window_ok(adapter: VLMAdapter, total: int) -> bool:
