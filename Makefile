@@ -5,6 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flipscope-installed
 TORCH := torch==2.13.0
+# The torchvision build made for that torch. PyPI has only its CUDA build (0.28.0+cu130), whose ops need
+# libtorch_cuda: beside a CPU torch it does not import and breaks every transformers model class, so it is
+# installed only over a CUDA torch. flipscope does not need it (Qwen2.5-VL's processor is built for images
+# and text without it, hooks/loading.py); with it transformers picks its torchvision image processors.
+TORCHVISION := torchvision==0.28.0
 
 .PHONY: demo test lint typecheck organism bench docs screenshot clean-venv
 
@@ -15,6 +20,11 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.version.cuda)"; then \
+		$(BIN)/python -m pip install -q $(TORCHVISION); \
+	else \
+		echo "CPU torch: $(TORCHVISION) not installed (PyPI has only its CUDA build; not needed)"; \
+	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -c "import torch, transformers, nnsight; print('torch', torch.__version__, '| transformers', transformers.__version__, '| nnsight', nnsight.__version__)"
 	touch $(STAMP)

@@ -124,23 +124,32 @@ def bench_eval(adapter: VLMAdapter, rows: list, world: Any, args: argparse.Names
     dev = args.device
     cfg = EvalConfig(batch_size=args.batch_size, forward="prefix")
     with tempfile.TemporaryDirectory() as tmp:
-        evaluate(adapter, rows[: max(1, len(rows) // 8)], world.image_for, tmp, cfg, progress=False)  # warm-up
+        evaluate(
+            adapter, rows[: max(1, len(rows) // 8)], world.image_for, tmp, cfg, progress=False
+        )  # warm-up
     results = {}
     for path in ("prefix", "full") if args.eval_full or dev.startswith("cuda") else ("prefix",):
         with tempfile.TemporaryDirectory() as tmp:
             c = EvalConfig(batch_size=args.batch_size, forward=path)  # type: ignore[arg-type]
-            t, df = timed(lambda c=c, tmp=tmp: evaluate(adapter, rows, world.image_for, tmp, c, progress=False), dev)
+            t, df = timed(
+                lambda c=c, tmp=tmp: evaluate(adapter, rows, world.image_for, tmp, c, progress=False), dev
+            )
         results[path] = (t, df)
     n = len(results["prefix"][1])
     batches, inputs = prebuilt(adapter, rows, world, cfg)
     with torch.no_grad():
-        t_a, full = timed(lambda: [adapter.margins(b, image_features=f).float().cpu() for b, f, _, _ in batches], dev)
+        t_a, full = timed(
+            lambda: [adapter.margins(b, image_features=f).float().cpu() for b, f, _, _ in batches], dev
+        )
         for b, f, k, _ in batches:  # fill the prefix store, then time suffix forwards alone
             prefix_margins(adapter, b, f, k, inputs.prefixes)
-        t_b, _ = timed(lambda: [prefix_margins(adapter, b, f, k, inputs.prefixes) for b, f, k, _ in batches], dev)
+        t_b, _ = timed(
+            lambda: [prefix_margins(adapter, b, f, k, inputs.prefixes) for b, f, k, _ in batches], dev
+        )
     ref = torch.cat(full)
     tokens = float(batches[0][0].attention_mask.sum(-1).float().mean())
-    print(f"rows: {n} ({len({r.image_id for r in rows})} images x questions x 4 conditions), ~{tokens:.0f} tokens each")
+    conds = sorted(set(results["prefix"][1]["condition"]))
+    print(f"rows: {n} ({len(rows)} questions x conditions {', '.join(conds)}), ~{tokens:.0f} tokens each")
     for path, (t, df) in results.items():
         got = torch.tensor(df.set_index(["qid", "condition"]).loc[_order(batches)]["margin"].to_numpy())
         diff = (got - ref).abs().max().item()
@@ -148,10 +157,14 @@ def bench_eval(adapter: VLMAdapter, rows: list, world: Any, args: argparse.Names
     print(f"(a) bare full forward    : {n / t_a:9.1f} rows/s   (cached features, prebuilt batches)")
     print(f"(b) suffix-only forward  : {n / t_b:9.1f} rows/s   (stored prefixes)")
     r_eval = n / results["prefix"][0]
-    print(f"ratio evaluator / (a)    : {r_eval / (n / t_a):9.2f}x   ({inputs.prefixes.computed} prefixes for {n} rows)")
+    print(
+        f"ratio evaluator / (a)    : {r_eval / (n / t_a):9.2f}x   ({inputs.prefixes.computed} prefixes for {n} rows)"
+    )
     if dev.startswith("cuda"):
         flops = 2 * _text_params(adapter) * tokens
-        print(f"MFU (full-sequence FLOPs): evaluator {r_eval * flops / H200_BF16_PEAK:.1%}, (a) {n / t_a * flops / H200_BF16_PEAK:.1%}")
+        print(
+            f"MFU (full-sequence FLOPs): evaluator {r_eval * flops / H200_BF16_PEAK:.1%}, (a) {n / t_a * flops / H200_BF16_PEAK:.1%}"
+        )
     return r_eval
 
 
@@ -171,16 +184,24 @@ def main() -> None:
     ap.add_argument("--vision-layers", type=int, default=None, help="SigLIP layers (CPU default 1, GPU 27)")
     ap.add_argument("--n-images", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--pairs", type=int, nargs="*", default=None, help="attribution pair counts (default 8 32; CPU 8)")
+    ap.add_argument(
+        "--pairs", type=int, nargs="*", default=None, help="attribution pair counts (default 8 32; CPU 8)"
+    )
     ap.add_argument("--questions", type=int, default=None, help="questions per image (default: all ~80)")
     ap.add_argument(
-        "--repeat", type=int, default=1,
+        "--repeat",
+        type=int,
+        default=1,
         help="each row k times (new qids): SynthCXR has ~12-24 questions an image, PSF-Med ~90",
     )
-    ap.add_argument("--eval-full", action="store_true", help="also time the evaluator's full path (GPU: always)")
+    ap.add_argument(
+        "--eval-full", action="store_true", help="also time the evaluator's full path (GPU: always)"
+    )
     ap.add_argument("--skip-interp", action="store_true", help="evaluator figures only")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--organism", action="store_true", help="the shipped organism instead of the MedGemma shape")
+    ap.add_argument(
+        "--organism", action="store_true", help="the shipped organism instead of the MedGemma shape"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda")
@@ -203,7 +224,9 @@ def main() -> None:
     layers = args.layers or (34 if gpu else 2)
     vlayers = args.vision_layers or (27 if gpu else 1)
     adapter = medgemma_shape(layers, vlayers, args.device, dtype)
-    print(f"MedGemma-4B widths, {layers} of 34 text layers, {vlayers} of 27 vision layers, {dtype}, {args.device}")
+    print(
+        f"MedGemma-4B widths, {layers} of 34 text layers, {vlayers} of 27 vision layers, {dtype}, {args.device}"
+    )
     r = bench_eval(adapter, rows, world, args)
     if not args.skip_interp:
         bench_interp(adapter, rows, world, args, gpu)
@@ -255,7 +278,9 @@ def bench_interp(adapter: VLMAdapter, rows: list, world: Any, args: argparse.Nam
 
     dev = args.device
     clean, corrupt = pairs_of(adapter, rows, world, 8 if gpu else 2)
-    cfg = PatchingConfig(site_kind="resid_post", positions=("image", "question", "final"), max_rows_per_forward=64)
+    cfg = PatchingConfig(
+        site_kind="resid_post", positions=("image", "question", "final"), max_rows_per_forward=64
+    )
     patching_sweep(adapter, clean.select([0]), corrupt.select([0]), cfg)  # warm-up
     t_x, exact = timed(lambda: patching_sweep(adapter, clean, corrupt, cfg), dev)
     t_r, ref = timed(lambda: sweep_reference(adapter, clean, corrupt, cfg), dev)

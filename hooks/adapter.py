@@ -23,7 +23,7 @@ from hooks.devices import input_device
 from hooks.inputs import DEFAULT_TEMPLATE, ImageLike, Removal, check_images, load_image
 from hooks.layout import EncodedImage, build_layout, layout_features
 from hooks.prompt import IMAGE_POSITIONS, PROMPT_MODES, ImagePosition, PromptMode, resolve_mode
-from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec
+from hooks.sites import ArchSpec, ModuleRef, Site, arch_spec, config_arch
 from hooks.trace import SiteTrace
 
 HookFn = Callable[[Tensor], Tensor | None]
@@ -53,6 +53,9 @@ class AdapterConfig:
     """How the logits of several yes (no) token ids are combined: ``max``, ``sum`` or ``logsumexp``."""
     expected_image_size: int | None = None
     """If set, images of another size are refused (instead of silently resized by the processor)."""
+    resize_images: bool = False
+    """With ``expected_image_size`` set: let the processor resize images of another size to it instead of
+    refusing them (CLI ``--resize``; recorded as ``image_size`` in run records)."""
     batch_size: int = 32
     """Rows per forward pass in :meth:`VLMAdapter.margins_for`."""
 
@@ -112,7 +115,28 @@ class VLMAdapter:
         if set(yes_ids) & set(no_ids):
             raise ValueError(f"yes and no share token ids {set(yes_ids) & set(no_ids)}")
         self.answer_ids = AnswerIds(yes_ids, no_ids, yes_tok, no_tok, config.answer_reduce)
+        before = getattr(self, "config", None)
         self.config = config
+        try:
+            self._check_image_position()
+        except ValueError:
+            if before is not None:
+                self.configure(before)
+            raise
+
+    def _check_image_position(self) -> None:
+        """Refuse a chat template that puts the image elsewhere than ``config.image_position`` says (the
+        LLaVA templates render every image first), so that what a run records is what ran."""
+        from hooks.prefix import image_order
+
+        want = self.config.image_position
+        if self.prompt_mode != "chat" or image_order(self, "Is there an effusion?") in (None, want):
+            return
+        got = "before" if want == "after" else "after"
+        raise ValueError(
+            f"image_position={want!r}, but this processor's chat template puts the image {got} the question "
+            f"whatever the order given; use --prompt plain (prompt='plain') or --image-position {got}"
+        )
 
     def set_prompt(
         self, prompt: PromptMode | None = None, image_position: ImagePosition | None = None
@@ -149,22 +173,23 @@ class VLMAdapter:
         the computations that need eager (attention weights, the resumed sweep's materialised masks)
         switch the text stack to it for their own forward passes only (:mod:`hooks.attn`).
         """
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from hooks.loading import check_folder, check_model_files, load_config, load_model, load_processor
 
         path = Path(name_or_path)
         is_local = path.exists()
         if not is_local and str(name_or_path).startswith((".", "/")):
             raise FileNotFoundError(f"model folder not found: {path}")
+        if is_local:
+            check_folder(path)
         offline = local_files_only if local_files_only is not None else is_local
         check_hf_format(name_or_path, revision=revision, local_files_only=offline)
-        hf_config = AutoConfig.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
-        )
-        arch_name = (hf_config.architectures or [type(hf_config).__name__])[0]
+        if is_local:
+            check_model_files(path)
+        hub: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline)
+        hf_config = load_config(name_or_path, **hub)
+        arch_name = config_arch(hf_config)
         arch_spec(arch_name)  # fail before loading weights if unsupported
-        kwargs: dict[str, Any] = dict(
-            revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
-        )
+        kwargs: dict[str, Any] = dict(hub)
         if dtype is not None:
             kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if device_map is not None:
@@ -173,13 +198,11 @@ class VLMAdapter:
             kwargs["max_memory"] = max_memory
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model: Any = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        model: Any = load_model(name_or_path, arch_name, **kwargs)
         if device is not None and device_map is None:
             model = model.to(device)
         model.eval()
-        processor = AutoProcessor.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code, local_files_only=offline
-        )
+        processor = load_processor(name_or_path, str(hf_config.model_type), **hub)
         adapter = cls(model, processor, config, name=str(name_or_path))
         adapter.revision = revision or getattr(hf_config, "_commit_hash", None) or "local"
         adapter.weights_dir = path.absolute() if is_local else _hub_snapshot(name_or_path, revision)
@@ -209,11 +232,26 @@ class VLMAdapter:
             "prompt_template": self.config.prompt_template,
             "prompt_mode": self.prompt_mode,
             "image_position": self.config.image_position,
+            "image_size": self.image_size_rule(),
             "answer_ids": self.answer_ids.as_dict(),
         }
         if example_question is not None:
             out["prompt_example"] = self.render_prompt(example_question)
         return out
+
+    @property
+    def size_guard(self) -> int | None:
+        """The only image side this adapter takes (``expected_image_size`` without ``resize_images``), or
+        ``None``: any size (the processor resizes)."""
+        return None if self.config.resize_images else self.config.expected_image_size
+
+    def image_size_rule(self) -> str:
+        """What happens to an image's size, as recorded: ``processor`` (every size, the processor resizes),
+        ``NxN only`` (other sizes refused) or ``resized to NxN`` (``resize_images``)."""
+        size = self.config.expected_image_size
+        if size is None:
+            return "processor"
+        return f"resized to {size}x{size}" if self.config.resize_images else f"{size}x{size} only"
 
     def render_prompt(self, question: str, has_image: bool = True) -> dict[str, Any]:
         """The prompt of ``question``: ``text`` as given to the processor, ``token_ids`` and ``tokens``
@@ -274,7 +312,7 @@ class VLMAdapter:
         family = self.spec.inputs
         if not pil:
             raise ValueError("no images to encode")
-        check_images(list(pil), self.config.expected_image_size)
+        check_images(list(pil), self.size_guard)
         # through the full processor (its image kwargs included), with a bare placeholder as the text
         text = [family.placeholder_text(self.processor)] * len(pil)
         out = self.processor(
@@ -312,7 +350,9 @@ class VLMAdapter:
     ) -> Batch:
         r""":meth:`prepare` for images already :meth:`encode`\ d: the tokenizer alone, no image processing.
         Pass ``image_features=layout_features(images)`` (:func:`hooks.layout.layout_features`) to score it."""
-        return build_layout(self, list(questions), list(images), None if conditions is None else list(conditions))
+        return build_layout(
+            self, list(questions), list(images), None if conditions is None else list(conditions)
+        )
 
     def image_features(self, image_inputs: dict[str, Tensor]) -> list[Float[Tensor, "tokens d_model"]]:
         """Features of each image as the model writes them into its image tokens (vision tower,
@@ -416,7 +456,9 @@ class VLMAdapter:
         from hooks.prefix import PrefixStore, prefix_margins, reusable
 
         if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+            raise ValueError(
+                f"{len(images)} images but {len(questions)} questions: pass one image per question"
+            )
         bs = batch_size or self.config.batch_size
         keys = [None if im is None else (str(im) if isinstance(im, str | Path) else id(im)) for im in images]
         encoded: dict[Any, EncodedImage] = {}

@@ -192,7 +192,7 @@ def build_batch(
 ) -> Batch:
     """Tokenize with the model's own processor; rows with and without images may be mixed, and images
     may differ in size and mode (every processor resizes; ``expected_image_size`` is an opt-in guard)."""
-    check_images(images, adapter.config.expected_image_size)
+    check_images(images, adapter.size_guard)
     family = adapter.spec.inputs
     rendered = render_prompts(adapter, questions, [im is not None for im in images])
     proc = adapter.processor

@@ -34,7 +34,7 @@ def raw_config(
     path = Path(name_or_path)
     if path.is_dir():
         file = path / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else None
+        return json.loads(file.read_text(encoding="utf-8-sig")) if file.is_file() else None
     try:
         from transformers import PretrainedConfig
 

@@ -130,8 +130,20 @@ def check_images(images: list[Image.Image | None], expected_size: int | None) ->
     if bad:
         raise ValueError(
             f"image size {bad[0]} does not match the model's input size {expected_size}x{expected_size}"
-            f"{f' (and {len(bad) - 1} other sizes)' if len(bad) > 1 else ''}; resize it, or build the "
-            "adapter with AdapterConfig(expected_image_size=None) to let the processor resize"
+            f"{f' (and {len(bad) - 1} other sizes)' if len(bad) > 1 else ''}; resize it, or let the processor "
+            "resize it: --resize on the command line, AdapterConfig(resize_images=True) from Python"
+        )
+
+
+def check_image_size(image_id: str, image: Image.Image, expected_size: int | None) -> None:
+    """Refuse one image (named) of another size than ``expected_size`` (``None``: any size), with the fix;
+    run over every image before anything runs (the evaluator, ``flipscope cache``)."""
+    if expected_size is not None and image.size != (expected_size, expected_size):
+        w, h = image.size
+        raise ValueError(
+            f"image {image_id} is {w}x{h} but this model takes only {expected_size}x{expected_size} images: "
+            f"pass --resize (AdapterConfig(resize_images=True)) to resize every image to "
+            f"{expected_size}x{expected_size}, recorded in meta.json, or resize the images yourself"
         )
 
 

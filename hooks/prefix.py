@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -106,19 +106,26 @@ def reusable(batch: Batch) -> bool:
     return not bool(early.any())
 
 
-def image_first(adapter: VLMAdapter, question: str) -> bool:
-    """Whether ``adapter``'s prompt for ``question`` puts the image before the question text (read from
-    the rendered prompt, before tokenization: no image is needed)."""
+def image_order(adapter: VLMAdapter, question: str) -> Literal["before", "after"] | None:
+    """Where ``adapter``'s prompt for ``question`` puts the image relative to the question text, read from
+    the rendered prompt before tokenization (no image is needed); ``None`` if the image token is not in it."""
     from hooks.batch import render_prompts
 
     text = render_prompts(adapter, [question], [True])[0].text
     at = text.find(adapter.processor.image_token)
-    return 0 <= at < text.rfind(question.strip())
+    if at < 0:
+        return None
+    return "before" if at < text.rfind(question.strip()) else "after"
+
+
+def image_first(adapter: VLMAdapter, question: str) -> bool:
+    """Whether ``adapter``'s prompt for ``question`` puts the image before the question text."""
+    return image_order(adapter, question) == "before"
 
 
 def _window_ok(adapter: VLMAdapter, total: int) -> bool:
     cfg = adapter.model.config.get_text_config()
-    window = getattr(cfg, "sliding_window", None)
+    window: Any = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None) or []
     sliding = window is not None and (not types or any("sliding" in x for x in types))
     return not sliding or total <= int(window) - 1
@@ -170,9 +177,7 @@ def _image_rows(
     ends = prefix_ends(batch).tolist()
     first = (batch.attention_mask.long().cumsum(-1) == 0).sum(-1).tolist()  # left padding per row
     ids = batch.input_ids
-    row_key = {
-        r: (keys[k], tuple(ids[r, first[r] : ends[r]].tolist())) for k, r in enumerate(rows)
-    }
+    row_key = {r: (keys[k], tuple(ids[r, first[r] : ends[r]].tolist())) for k, r in enumerate(rows)}
     longest = max(ends[r] - first[r] for r in rows) + max(batch.seq_len - ends[r] for r in rows)
     if not _window_ok(adapter, longest):
         sub = batch.select(rows)
@@ -202,7 +207,9 @@ def _run_prefixes(
     lens = [ends[r] - first[r] for r in rows]
     p = max(lens)
     sub = batch.select(rows)
-    cut = {name: _left_cut(v, first, ends, rows, p) for name, v in sub.inputs.items() if name != "position_ids"}
+    cut = {
+        name: _left_cut(v, first, ends, rows, p) for name, v in sub.inputs.items() if name != "position_ids"
+    }
     pos = batch.inputs["position_ids"]
     cut["position_ids"] = _left_cut(pos, first, ends, rows, p, from_batch=True)
     emb = _embed_prefix(adapter, cut["input_ids"], [todo[k][1] for k in keys])
@@ -210,13 +217,14 @@ def _run_prefixes(
     kwargs = {k: v.to(dev) for k, v in cut.items() if k != "input_ids"}
     cache = DynamicCache(config=adapter.model.config)
     adapter.model(inputs_embeds=emb, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    layers: Any = cache.layers  # DynamicLayer / DynamicSlidingWindowLayer: .keys, .values
     for j, key in enumerate(keys):
         pad = p - lens[j]
         store.put(
             key,
             PrefixKV(
-                keys=[layer.keys[j, :, pad:].clone() for layer in cache.layers],
-                values=[layer.values[j, :, pad:].clone() for layer in cache.layers],
+                keys=[layer.keys[j, :, pad:].clone() for layer in layers],
+                values=[layer.values[j, :, pad:].clone() for layer in layers],
             ),
         )
 

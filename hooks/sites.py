@@ -131,6 +131,8 @@ class ArchSpec:
 
     name: str
     """HF class name, e.g. ``Gemma3ForConditionalGeneration``."""
+    model_type: str
+    """``model_type`` of its config (``gemma3``): finds the row of a config.json without ``architectures``."""
     text_layers: str
     """Path of the text decoder's layer list."""
     vision_layers: str
@@ -182,6 +184,7 @@ class ArchSpec:
 ARCHITECTURES: dict[str, ArchSpec] = {
     "Gemma3ForConditionalGeneration": ArchSpec(  # MedGemma
         name="Gemma3ForConditionalGeneration",
+        model_type="gemma3",
         text_layers="model.language_model.layers",
         vision_layers="model.vision_tower.encoder.layers",
         projector="model.multi_modal_projector",
@@ -196,6 +199,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "LlavaForConditionalGeneration": ArchSpec(  # LLaVA 1.5, LLaVA-Med HF ports
         name="LlavaForConditionalGeneration",
+        model_type="llava",
         text_layers="model.language_model.layers",
         vision_layers="model.vision_tower.encoder.layers",
         projector="model.multi_modal_projector",
@@ -207,6 +211,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "LlavaNextForConditionalGeneration": ArchSpec(  # LLaVA-NeXT (anyres tiles)
         name="LlavaNextForConditionalGeneration",
+        model_type="llava_next",
         text_layers="model.language_model.layers",
         vision_layers="model.vision_tower.encoder.layers",
         projector="model.multi_modal_projector",
@@ -219,6 +224,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "Qwen2_5_VLForConditionalGeneration": ArchSpec(  # Qwen2.5-VL (Lingshu, HuatuoGPT-Vision, ...)
         name="Qwen2_5_VLForConditionalGeneration",
+        model_type="qwen2_5_vl",
         text_layers="model.language_model.layers",
         vision_layers="model.visual.blocks",
         projector="model.visual.merger",
@@ -237,6 +243,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ),
     ),
 }
+
+
+def config_arch(hf_config: object) -> str:
+    """The HF class name an HF config loads as: its ``architectures`` entry, else the class of the
+    :data:`ARCHITECTURES` row with its ``model_type`` (transformers loads such a config by its class too),
+    else the config's own class name (refused by :func:`arch_spec`)."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs:
+        return str(archs[0])
+    model_type = getattr(hf_config, "model_type", None)
+    rows = [name for name, spec in ARCHITECTURES.items() if spec.model_type == model_type]
+    return rows[0] if rows else type(hf_config).__name__
 
 
 def arch_spec(model_or_name: object) -> ArchSpec:

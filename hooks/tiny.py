@@ -32,6 +32,8 @@ from transformers import (
     Qwen2_5_VLProcessor,
 )
 
+from hooks.loading import image_text_processor
+
 GEMMA3_SPECIALS = {
     "pad": "<pad>",
     "eos": "<eos>",
@@ -345,17 +347,10 @@ def tiny_llava_next(
     return model, processor
 
 
-class ImageTextQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor for images and text only.
-
-    transformers 5.23 requires a video processor in ``Qwen2_5_VLProcessor``, and every Qwen video
-    processor imports torchvision; images and text go through the same code either way.
-    """
-
-    def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
-    ):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+#: Qwen2.5-VL's processor for images and text only: transformers 5.23 requires a video processor in
+#: ``Qwen2_5_VLProcessor``, and every Qwen video processor imports torchvision; images and text go through
+#: the same code either way. It saves itself as ``Qwen2_5_VLProcessor`` (:func:`hooks.loading.image_text_processor`).
+ImageTextQwen2_5_VLProcessor: Any = image_text_processor(Qwen2_5_VLProcessor)
 
 
 def tiny_qwen2_5_vl(
@@ -365,7 +360,7 @@ def tiny_qwen2_5_vl(
     patch_size: int = 8,
     max_side: int = 96,
     seed: int = 0,
-) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextQwen2_5_VLProcessor]:
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Any]:
     """A randomly initialised tiny Qwen2.5-VL (windowed ViT + patch merger + Qwen2 decoder) and its processor.
 
     Dynamic resolution: an image is resized to multiples of ``2 * patch_size`` pixels (at most

@@ -238,7 +238,7 @@ def cluster_losses(
     shown: list[EncodedImage | None] = []
     orig_pos, para_pairs, removed_pos = [], [], []
     for c in clusters:
-        enc = cache.features.encoded(c.image_id, lambda c=c: cache.pil(c.image_id))
+        enc = cache.features.encoded(c.image_id, cache.pil(c.image_id))
         orig_pos.append(len(rows))
         for r in (c.original, *c.paraphrases, *c.operators):
             if r.family in PARAPHRASE_FAMILIES:

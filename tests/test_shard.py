@@ -128,9 +128,7 @@ def _meta(path: Path) -> dict[str, object]:
 def _same_lines(ref: Path, got: Path, atol: float = 1e-5) -> None:
     """Line for line the same predictions: every field equal, margins to ``atol`` (the prefix path's suffix
     batches depend on which rows share a batch, so margins agree to float rounding, not bit for bit)."""
-    a, b = (
-        [json.loads(x) for x in (p / "predictions.jsonl").read_text().splitlines()] for p in (ref, got)
-    )
+    a, b = ([json.loads(x) for x in (p / "predictions.jsonl").read_text().splitlines()] for p in (ref, got))
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert abs(x.pop("margin") - y.pop("margin")) <= atol and x == y, (x, y)

@@ -28,6 +28,7 @@ function elsewhere) + one row here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -130,8 +131,27 @@ def resolve_model(spec: str, **load_kwargs: Any) -> tuple[VLMAdapter, Path | Non
     ``max_memory``, ``dtype``, ...); a named model is loaded first and then placed (:func:`hooks.devices.place`).
 
     A missing folder or an unreachable / unknown hub id is a ``FileNotFoundError`` of one line that
-    names the value and the fix (``OSError`` from transformers never escapes as a traceback).
+    names the value and the fix (``OSError`` from transformers never escapes as a traceback); a folder or
+    model that cannot be loaded is a :class:`hooks.loading.LoadError` (one line). ``resize_images=True``
+    (``--resize``) lets a model with a fixed input size (the organism) take images of other sizes, resized.
     """
+    from hooks.loading import LoadError, short_error, torchvision_problem
+
+    resize = bool(load_kwargs.pop("resize_images", False))
+    try:
+        adapter, folder = _load_model(spec, **load_kwargs)
+    except ImportError as err:  # e.g. a torchvision built for another torch breaks transformers' imports
+        why = torchvision_problem() or short_error(err)
+        raise LoadError(f"--model {spec}: a package the model needs does not import ({why})") from None
+    if resize:
+        adapter.configure(dataclasses.replace(adapter.config, resize_images=True))
+    return adapter, folder
+
+
+def _load_model(spec: str, **load_kwargs: Any) -> tuple[VLMAdapter, Path | None]:
+    """:func:`resolve_model` without the image-size option."""
+    from hooks.loading import LoadError
+
     if spec in NAMED_MODELS:
         load: Callable[[], tuple[VLMAdapter, Path | None]] = _entry(NAMED_MODELS[spec])
         adapter, folder = load()
@@ -158,6 +178,8 @@ def resolve_model(spec: str, **load_kwargs: Any) -> tuple[VLMAdapter, Path | Non
         )
     try:
         return VLMAdapter.from_pretrained(spec, **load_kwargs), None
+    except LoadError:
+        raise
     except (OSError, ValueError) as err:  # OSError from the hub, HFValidationError is a ValueError
         first = " ".join(str(err).split()).split(". ")[0][:200]
         raise FileNotFoundError(
@@ -329,6 +351,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=["bfloat16", "float16", "float32"],
         help="load the weights in this dtype (default: the checkpoint's own)",
     )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="a model trained at one image size (the organism: 64 px) takes images of other sizes, resized to "
+        "it by the processor (recorded in meta.json); without it they are refused before anything runs",
+    )
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,5 +381,6 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         "device_map": device_map,
         "max_memory": max_memory,
         "dtype": getattr(args, "dtype", None),
+        "resize_images": True if getattr(args, "resize", False) else None,
     }
     return {k: v for k, v in out.items() if v is not None}

@@ -38,7 +38,7 @@ from analyses.eval.fingerprint import image_fingerprints, runtime_fingerprint, w
 from analyses.eval.predictions import CONDITIONS, Condition, RunFolder, dataset_hash, prediction_record
 from hooks.adapter import VLMAdapter
 from hooks.features import ImageFeatureCache
-from hooks.inputs import REMOVALS, Removal, RemovalKind, load_image
+from hooks.inputs import REMOVALS, Removal, RemovalKind, check_image_size, load_image
 from hooks.layout import EncodedImage, layout_features
 from hooks.prefix import PrefixStore, image_first, prefix_margins
 from hooks.progress import tqdm
@@ -191,7 +191,7 @@ class ImageInputs:
     """
 
     def __init__(self, adapter: VLMAdapter, source: ImageSource, removal: Removal) -> None:
-        self.source, self.removal = source, removal
+        self.source, self.removal, self.adapter = source, removal, adapter
         self.features = ImageFeatureCache(adapter)
         self.prefixes = PrefixStore()
         """Image prefixes' keys/values (the prefix path), kept across batches."""
@@ -225,6 +225,21 @@ class ImageInputs:
         assert item.image_id is not None
         im = self.pil(item.image_id)
         return None if im is None else (item.image_id, self.features.encoded(item.image_id, im))
+
+    def check_sizes(self, items: Sequence[WorkItem]) -> None:
+        """Before anything runs, refuse an image of a size the model does not take
+        (:attr:`~hooks.adapter.VLMAdapter.size_guard`), naming it and the fix; an unreadable one is left to the run."""
+        size = self.adapter.size_guard
+        if size is None:
+            return
+        seen: set[str] = set()
+        for item in items:
+            for image_id, row in ((item.row.image_id, item.row), (item.image_id, None)):
+                if image_id is not None and image_id not in seen:
+                    seen.add(image_id)
+                    im = self.pil(image_id, row)
+                    if im is not None:
+                        check_image_size(image_id, im, size)
 
     def drop(self, item: WorkItem) -> None:
         """Record a work item left out because an image it needs could not be read."""
@@ -334,16 +349,18 @@ def evaluate(
     cfg = config or EvalConfig()
     run = RunFolder(out_dir)
     removal = Removal(cfg.removal, seed=cfg.seed)
+    inputs = ImageInputs(adapter, images, removal)
+    only = None if part is None else part.images
+    full = plan(rows, cfg, frozenset(), only)  # every (row, condition) of this process
+    inputs.check_sizes(full)
     meta = run_meta(adapter, rows, images, cfg, progress) if part is None else part.meta
     run.start(meta, overwrite=overwrite)
     loaded = [p.record() for p in skipped]
     run.write_skipped(loaded)
     finished = run.finished() if part is None else run.finished() | part.finished
-    work = plan(rows, cfg, finished, None if part is None else part.images)
+    work = plan(rows, cfg, finished, only)
     if finished and progress:
-        total = len(plan(rows, cfg, frozenset(), None if part is None else part.images))
-        print(resume_note(total - len(work), len(work), run.path))
-    inputs = ImageInputs(adapter, images, removal)
+        print(resume_note(len(full) - len(work), len(work), run.path))
     path = forward_path(adapter, rows, cfg)
     if cfg.compile:
         adapter.compile_text_stack()

@@ -268,7 +268,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[An
 
 
 def _same_weights(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    was, now = (m.get("weights") if isinstance(m.get("weights"), dict) else {} for m in (old, new))
+    was: dict[str, Any] = old["weights"] if isinstance(old.get("weights"), dict) else {}
+    now: dict[str, Any] = new["weights"] if isinstance(new.get("weights"), dict) else {}
     return bool(was.get("files")) and was.get("files") == _jsonable(now.get("files"))
 
 

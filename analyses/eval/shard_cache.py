@@ -28,7 +28,7 @@ from analyses.eval.predictions import SKIPPED_FILE, RunFolder
 from analyses.eval.shard import Dist, collectively, split_images
 from hooks.adapter import VLMAdapter
 from hooks.batch import Batch
-from hooks.inputs import Removal, RemovalKind, load_image
+from hooks.inputs import Removal, RemovalKind, check_image_size, load_image
 from hooks.sites import Site
 from interp.cache import MANIFEST_FILE, ActivationCache, cache_activations, merge_parts
 
@@ -56,8 +56,11 @@ class _Counted(Sequence[Batch]):
         raise TypeError("cache batches are made in order: iterate over them")
 
 
-def _readable(rows: Sequence[QuestionRow], images: ImageSource) -> tuple[list[QuestionRow], dict[str, str]]:
-    """The rows whose image loads, and ``qid -> error`` of the others (each image loaded once)."""
+def _readable(
+    rows: Sequence[QuestionRow], images: ImageSource, size: int | None = None
+) -> tuple[list[QuestionRow], dict[str, str]]:
+    """The rows whose image loads, and ``qid -> error`` of the others (each image loaded once); an image
+    of another side than ``size`` (the adapter's :attr:`~hooks.adapter.VLMAdapter.size_guard`) is refused."""
     bad: dict[str, str] = {}
     seen: set[str] = set()
     keep: list[QuestionRow] = []
@@ -66,9 +69,11 @@ def _readable(rows: Sequence[QuestionRow], images: ImageSource) -> tuple[list[Qu
         if r.image_id not in seen:
             seen.add(r.image_id)
             try:
-                load_image(images(r))
+                im = load_image(images(r))
             except (OSError, ValueError, KeyError) as err:
                 bad[r.image_id] = f"{type(err).__name__}: {err}"
+            else:
+                check_image_size(r.image_id, im, size)
         if r.image_id in bad:
             skipped[r.qid] = f"{r.image_id}: {bad[r.image_id]}"
         else:
@@ -143,11 +148,11 @@ def cache_run(
     own = [r for r in rows if r.image_id in mine]
 
     def write() -> None:
+        readable, unreadable = _readable(own, images, adapter.size_guard)  # refusals before any deletion
         if dist.is_main:
             (out / MANIFEST_FILE).unlink(missing_ok=True)  # the manifest is rewritten once every part is
         shutil.rmtree(out / name, ignore_errors=True)
         keys: list[str] = []
-        readable, unreadable = _readable(own, images)
         rm = Removal(removal)
         batches = _Counted(
             lambda: _batches(adapter, readable, images, conditions, rm, batch_size, keys, unreadable),
