@@ -182,79 +182,35 @@ def _image_rows(
     if not _window_ok(adapter, longest):
         sub = batch.select(rows)
         return adapter.margins(sub, image_features=list(feats)).float().cpu()
-    missing: dict[Hashable, tuple[int, Tensor]] = {}
+    kvs: dict[Hashable, PrefixKV] = {}  # this batch's prefixes, held here so eviction cannot drop one
     for k, r in enumerate(rows):
-        if row_key[r] not in store and row_key[r] not in missing:
-            missing[row_key[r]] = (r, feats[k])
-    for key, todo in missing.items():  # one at a time: a prefix's keys/values never depend on its neighbours
-        _run_prefixes(adapter, batch, {key: todo}, first, ends, store)
-    kvs = [store.get(row_key[r]) for r in rows]
-    return _run_suffixes(adapter, batch, rows, kvs, ends).float().cpu()
+        key = row_key[r]
+        if key in kvs:
+            continue
+        if key in store:
+            kvs[key] = store.get(key)
+        else:  # one at a time: a prefix's keys/values never depend on its neighbours
+            kvs[key] = _run_prefix(adapter, batch, r, feats[k], slice(first[r], ends[r]))
+            store.put(key, kvs[key])
+    return _run_suffixes(adapter, batch, rows, [kvs[row_key[r]] for r in rows], ends).float().cpu()
 
 
-def _run_prefixes(
-    adapter: VLMAdapter,
-    batch: Batch,
-    todo: dict[Hashable, tuple[int, Tensor]],
-    first: list[int],
-    ends: list[int],
-    store: PrefixStore,
-) -> None:
-    """One forward over the missing prefixes (left-padded together); their keys/values into ``store``."""
+def _run_prefix(adapter: VLMAdapter, batch: Batch, row: int, feats: Tensor, cols: slice) -> PrefixKV:
+    """Row ``row``'s prefix (columns ``cols``: no padding) run alone, with its own position ids and
+    per-token keys (Gemma3's image-block mask); its keys/values in every text layer."""
     from transformers import DynamicCache
 
-    keys, rows = list(todo), [todo[k][0] for k in todo]
-    lens = [ends[r] - first[r] for r in rows]
-    p = max(lens)
-    sub = batch.select(rows)
-    cut = {
-        name: _left_cut(v, first, ends, rows, p) for name, v in sub.inputs.items() if name != "position_ids"
-    }
-    pos = batch.inputs["position_ids"]
-    cut["position_ids"] = _left_cut(pos, first, ends, rows, p, from_batch=True)
-    emb = _embed_prefix(adapter, cut["input_ids"], [todo[k][1] for k in keys])
-    dev = adapter.device
-    kwargs = {k: v.to(dev) for k, v in cut.items() if k != "input_ids"}
+    sub = batch.select([row])
+    emb = adapter.embed(sub, [feats])[:, cols]
+    skip = {"input_ids", *adapter.spec.inputs.image_keys}
+    kwargs = {k: v[..., cols].to(adapter.device) for k, v in sub.inputs.items() if k not in skip}
     cache = DynamicCache(config=adapter.model.config)
     adapter.model(inputs_embeds=emb, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
     layers: Any = cache.layers  # DynamicLayer / DynamicSlidingWindowLayer: .keys, .values
-    for j, key in enumerate(keys):
-        pad = p - lens[j]
-        store.put(
-            key,
-            PrefixKV(
-                keys=[layer.keys[j, :, pad:].clone() for layer in layers],
-                values=[layer.values[j, :, pad:].clone() for layer in layers],
-            ),
-        )
-
-
-def _left_cut(
-    v: Tensor, first: list[int], ends: list[int], rows: list[int], width: int, from_batch: bool = False
-) -> Tensor:
-    """Columns ``first[r]:ends[r]`` of each row, left-padded with zeros to ``width``.
-
-    ``v`` holds the selected rows in order (or, with ``from_batch``, the whole batch); position ids may
-    carry a leading rotary axis (``(3, batch, pos)``)."""
-    lead = v.dim() == 3
-    out = v.new_zeros((*v.shape[:-2], len(rows), width) if lead else (len(rows), width))
-    for j, r in enumerate(rows):
-        src = r if from_batch else j
-        n = ends[r] - first[r]
-        if lead:
-            out[:, j, width - n :] = v[:, src, first[r] : ends[r]]
-        else:
-            out[j, width - n :] = v[src, first[r] : ends[r]]
-    return out
-
-
-def _embed_prefix(adapter: VLMAdapter, ids: Tensor, feats: list[Tensor]) -> Tensor:
-    emb_layer: Any = adapter.model.get_input_embeddings()
-    ids = ids.to(adapter.device)
-    emb = emb_layer(ids.clamp(max=emb_layer.num_embeddings - 1))
-    mask = ids == adapter.image_token_id
-    flat = torch.cat([f.to(emb.device, emb.dtype) for f in feats])
-    return emb.masked_scatter(mask.unsqueeze(-1), flat)
+    return PrefixKV(
+        keys=[layer.keys[0].clone() for layer in layers],
+        values=[layer.values[0].clone() for layer in layers],
+    )
 
 
 def _run_suffixes(
