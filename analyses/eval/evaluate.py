@@ -157,17 +157,21 @@ def plan(
 
 
 def unpaired(
-    rows: Sequence[QuestionRow], cfg: EvalConfig, only_images: frozenset[str] | None = None
+    rows: Sequence[QuestionRow],
+    cfg: EvalConfig,
+    planned: Sequence[WorkItem],
+    only_images: frozenset[str] | None = None,
 ) -> list[dict[str, object]]:
-    """``skipped.jsonl`` records of the swap predictions :func:`plan` leaves out: no other patient's image
-    (with the opposite label, for ``swap_label``) exists for the row's finding."""
-    partners = swap_partners(rows, cfg.seed)
+    """``skipped.jsonl`` records of the swap predictions :func:`plan` left out of ``planned`` (its plan with
+    nothing finished): no other patient's image (with the opposite label, for ``swap_label``) exists for
+    the row's finding."""
+    has = {(w.row.qid, w.condition) for w in planned}
     out: list[dict[str, object]] = []
     for r in rows:
         if only_images is not None and r.image_id not in only_images:
             continue
         for cond in cfg.conditions:
-            if cond.startswith("swap") and partners[(r.qid, cond)] is None:
+            if cond.startswith("swap") and (r.qid, cond) not in has:
                 what = "with the opposite label " if cond == "swap_label" else ""
                 detail = f"no other patient's image {what}for {r.finding} among the loaded rows"
                 out.append(
@@ -358,10 +362,10 @@ def evaluate(
     loaded = [p.record() for p in skipped]
     run.write_skipped(loaded)
     finished = run.finished() if part is None else run.finished() | part.finished
-    work = plan(rows, cfg, finished, only)
+    work = [w for w in full if (w.row.qid, w.condition) not in finished]  # plan's order, finished left out
     if finished and progress:
         print(resume_note(len(full) - len(work), len(work), run.path))
-    path = forward_path(adapter, rows, cfg)
+    path = str(meta["forward_path"])
     if cfg.compile:
         adapter.compile_text_stack()
     bar = tqdm(total=len(work), desc=f"eval ({path})", disable=not progress, unit="q")
@@ -373,5 +377,5 @@ def evaluate(
             if max_batches is not None and n >= max_batches:
                 break
     bar.close()
-    run.write_skipped(loaded + inputs.dropped + unpaired(rows, cfg, None if part is None else part.images))
+    run.write_skipped(loaded + inputs.dropped + unpaired(rows, cfg, full, only))
     return run.predictions()
