@@ -337,7 +337,7 @@ class VLMAdapter:
                 inputs, (replacement,) = self._process_images([pil])
                 (feats,) = self.image_features(inputs)
                 grid = {k: v for k, v in inputs.items() if k != "pixel_values"}
-                out.append(EncodedImage(feats.detach(), replacement, grid, pil.size))
+                out.append(EncodedImage(feats.detach(), replacement, grid))
         finally:
             self.model.train(was_training)
         return out

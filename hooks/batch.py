@@ -177,11 +177,16 @@ def render_prompts(adapter: VLMAdapter, questions: list[str], has_image: list[bo
     ]
 
 
-def _encode(proc: Any, rendered: list[Rendered], images: list[Any] | None) -> dict[str, Tensor]:
+def adds_bos(rendered: list[Rendered]) -> bool:
+    """Whether the tokenizer adds its special tokens for these prompts (all must agree)."""
     flags = {r.add_special_tokens for r in rendered}
     if len(flags) > 1:
         raise ValueError("prompts of one batch disagree on whether the tokenizer adds BOS; render them alike")
-    kwargs: dict[str, Any] = dict(padding=True, return_tensors="pt", add_special_tokens=flags.pop())
+    return flags.pop()
+
+
+def _encode(proc: Any, rendered: list[Rendered], images: list[Any] | None) -> dict[str, Tensor]:
+    kwargs: dict[str, Any] = dict(padding=True, return_tensors="pt", add_special_tokens=adds_bos(rendered))
     if images is not None:
         kwargs["images"] = images
     return dict(proc(text=[r.text for r in rendered], **kwargs))

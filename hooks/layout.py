@@ -21,8 +21,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooks.batch import Batch, _question_mask, render_prompts
-from hooks.prompt import check_bos
+from hooks.batch import Batch, _question_mask, adds_bos, render_prompts
+from hooks.prompt import Rendered, check_bos
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -38,19 +38,11 @@ class EncodedImage:
     """The text the processor substitutes for the image's placeholder (its image tokens and markers)."""
     grid: dict[str, Tensor] = field(default_factory=dict)
     """Non-pixel image tensors that positions depend on (Qwen's ``image_grid_thw``), one image each."""
-    size: tuple[int, int] = (0, 0)
-    """(width, height) of the image given to the processor."""
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.features.shape[0])
 
 
-def _tokenize(adapter: VLMAdapter, texts: list[str], add_special: set[bool]) -> dict[str, Tensor]:
-    if len(add_special) > 1:
-        raise ValueError("prompts of one batch disagree on whether the tokenizer adds BOS; render them alike")
+def _tokenize(adapter: VLMAdapter, texts: list[str], rendered: list[Rendered]) -> dict[str, Tensor]:
     enc = adapter.tokenizer(
-        texts, padding=True, return_tensors="pt", add_special_tokens=add_special.pop(), padding_side="left"
+        texts, padding=True, return_tensors="pt", add_special_tokens=adds_bos(rendered), padding_side="left"
     )
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
@@ -77,7 +69,7 @@ def build_layout(
         if im is not None and r.text.count(placeholder) != 1:
             raise ValueError(f"prompt {r.text!r} holds {r.text.count(placeholder)} image placeholders, not 1")
         texts.append(r.text if im is None else r.text.replace(placeholder, im.replacement, 1))
-    inputs = _tokenize(adapter, texts, {r.add_special_tokens for r in rendered})
+    inputs = _tokenize(adapter, texts, rendered)
     image_mask = inputs["input_ids"] == adapter.image_token_id
     for key in family.token_keys:  # image tokens = 1, as the processor's create_mm_token_type_ids writes
         inputs[key] = (image_mask & inputs["attention_mask"].bool()).long()
