@@ -111,6 +111,10 @@ class RunFolderBusy(ValueError):
         self.holder = holder
 
 
+class RunChanged(ValueError):
+    """The run folder holds a run of other weights, images or settings (every differing item is named)."""
+
+
 class RunFolder:
     """A run folder: one process at a time, refuses to mix runs, and appends predictions so that a kill
     loses at most a batch."""
@@ -179,7 +183,7 @@ class RunFolder:
             old = json.loads(self.meta_path.read_text())
             diff = compare_meta(old, meta)
             if diff:
-                raise ValueError(
+                raise RunChanged(
                     f"{self.path} holds a different run ({'; '.join(diff)}): resume only with the same model, "
                     "weights, images and settings; pass --overwrite (overwrite=True) to start it afresh, "
                     "deleting its predictions, or use another --out folder"

@@ -11,6 +11,7 @@ localization section (:mod:`analyses.eval.localization`). plotly.js is embedded 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -337,6 +338,8 @@ def write_report(
     sae_features: pd.DataFrame | None = None,
     per_family: int = 4,
     max_dangerous: int = 8,
+    extra_sections: Sequence[str] = (),
+    filename: str = "report.html",
 ) -> Path:
     """Write ``summary.json`` and ``report.html`` to ``out_dir`` (which may hold the run's meta.json).
 
@@ -345,6 +348,8 @@ def write_report(
     names the data set in the header. ``patching`` (an activation-patching result) adds the localization
     section, with ``attribution`` (an attribution-patching result or LayerScores) overlaid on the
     recovery profile and ``sae_features`` (:func:`interp.sae_attr.top_features`) as a table.
+    ``extra_sections`` (HTML) follow the localization section (the audit's flagged sites, features and
+    LoRA sections); the page is written to ``out_dir / filename``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -365,5 +370,6 @@ def write_report(
         from analyses.eval.localization import localization_section
 
         sections.append(localization_section(patching, attribution, sae_features, n_boot=n_boot, seed=seed))
+    sections.extend(extra_sections)
     sections.append(_definitions(s, meta))
-    return write_page(out / "report.html", page(redact(title), sections))
+    return write_page(out / filename, page(redact(title), sections))
