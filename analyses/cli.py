@@ -48,7 +48,9 @@ def _cmd_organism_card(args: argparse.Namespace) -> int:
 
     model, runs = Path(args.model), Path(args.out)
     if runs.resolve() == model.parent.resolve():
-        raise ValueError(f"--out {runs} is the shipped card's folder: pick a run folder, and --in-place to rewrite the card")
+        raise ValueError(
+            f"--out {runs} is the shipped card's folder: pick a run folder, and --in-place to rewrite the card"
+        )
     card_dir = model.parent if args.in_place else runs  # the runs stay under --out either way
     path, measured = write_model_card(model, runs, n_images=args.n_images, out=card_dir)
     checks = planted_checks(measured)
@@ -185,26 +187,27 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    ns = argparse.Namespace(
-        model="organism",
-        data="synthcxr",
-        image_root=None,
-        split="test",
-        conditions="image,removed,swap_random,swap_label",
-        n_images=args.n_images,
-        removal="gray",
-        batch_size=128,
-        seed=0,
-        out=str(Path(args.out)),
-        quiet=False,
+    """The shipped organism through the audit's first stages: eval, flip pairs, localization, report."""
+    from analyses.audit.cli import summary_lines
+    from analyses.audit.localize import LocalizeConfig
+    from analyses.audit.run import AuditConfig, run_audit
+    from analyses.data.resolve import resolve_data, resolve_model
+    from analyses.eval.evaluate import EvalConfig
+    from analyses.eval.quadrants import QuadrantRule
+
+    adapter, model_dir = resolve_model("organism")
+    data = resolve_data("synthcxr", "test", args.n_images, model_dir)
+    cfg = AuditConfig(
+        eval=EvalConfig(removal="gray", batch_size=128, seed=0),
+        localize=LocalizeConfig(n_boot=200),
+        # the organism's image-removed margins sit near 0: signs are coin flips, so reliance is a margin shift
+        rule=QuadrantRule(reliance="margin_shift", min_margin_shift=1.0),
         n_boot=200,
-        overwrite=args.overwrite,
-        reliance="margin_shift",  # the organism's image-removed margins sit near 0: signs are coin flips
-        min_margin_shift=1.0,
-        prompt="auto",
-        image_position=None,
     )
-    return _cmd_eval(ns)
+    res = run_audit(adapter, data.rows, data.images, Path(args.out), cfg, overwrite=args.overwrite,
+                    title="flipscope demo: the shipped organism", data_name=data.source)  # fmt: skip
+    print(summary_lines(res))
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -276,7 +279,9 @@ def organism_version(model_dir: Path) -> str:
     if not rec.is_file():
         return f"not found ({rec} missing)"
     t = json.loads(rec.read_text())
-    return f"v{t.get('organism_version', '?')} ({t.get('phase', '?')}, trained with torch {t.get('torch', '?')})"
+    return (
+        f"v{t.get('organism_version', '?')} ({t.get('phase', '?')}, trained with torch {t.get('torch', '?')})"
+    )
 
 
 def _cmd_info(_args: argparse.Namespace) -> int:
@@ -384,7 +389,9 @@ def _add_eval_run(ev: argparse.ArgumentParser) -> None:
 
 def _add_eval_output(ev: argparse.ArgumentParser) -> None:
     g = ev.add_argument_group("output", "where results go and how they are summarised")
-    g.add_argument("--out", default=str(DEFAULT_RUNS / "eval"), help="run folder (resumed if it holds this run)")
+    g.add_argument(
+        "--out", default=str(DEFAULT_RUNS / "eval"), help="run folder (resumed if it holds this run)"
+    )
     g.add_argument(
         "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
     )
@@ -442,7 +449,9 @@ def _add_organism_parsers(sub: Any) -> None:
     )
     card.add_argument("--model", default="organism/model", help="the planted checkpoint (clean/ beside it)")
     card.add_argument(
-        "--out", default=str(DEFAULT_RUNS / "model_card"), help="folder for the runs, MODEL_CARD.md and model_card.json"
+        "--out",
+        default=str(DEFAULT_RUNS / "model_card"),
+        help="folder for the runs, MODEL_CARD.md and model_card.json",
     )
     card.add_argument(
         "--in-place",
@@ -484,7 +493,9 @@ def _add_compare_parser(sub: Any) -> None:
         default=",".join(DEFAULT_FAMILIES),
         help="paraphrase families with their own flip-rate column, comma-separated, or 'all'",
     )
-    cmp.add_argument("--out", default=str(DEFAULT_RUNS / "compare"), help="folder for the table, page and CSVs")
+    cmp.add_argument(
+        "--out", default=str(DEFAULT_RUNS / "compare"), help="folder for the table, page and CSVs"
+    )
     cmp.set_defaults(func=_cmd_compare)
 
 
@@ -521,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--quiet", action="store_true")
     ca.set_defaults(func=_cmd_cache)
 
-    demo = sub.add_parser("demo", help="evaluate the shipped organism and write a report")
+    demo = sub.add_parser(
+        "demo", help="audit the shipped organism (eval, flip pairs, localization) and write audit.html"
+    )
     demo.add_argument("--n-images", type=int, default=120)
     demo.add_argument("--out", default=str(DEFAULT_RUNS / "demo"))
     demo.add_argument("--overwrite", action="store_true", help="start the --out folder afresh")
@@ -529,8 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_compare_parser(sub)
 
+    from analyses.audit.cli import add_audit_parser
     from lora_targeted.cli import add_lora_parser
 
+    add_audit_parser(sub)
     add_lora_parser(sub)
 
     info = sub.add_parser("info", help="versions and where the organism is")

@@ -32,6 +32,10 @@ def _ci(v: Any) -> str:
     return fmt_ci(value, low, high)
 
 
+def _floor(x: float) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.2g}"
+
+
 def pairs_section(res: AuditResult) -> str:
     s = res.split
     assert s is not None
@@ -58,13 +62,14 @@ def flagged_section(res: AuditResult) -> str:
         s = scoring.get((r["site"], r["position"]), {})
         rows.append([esc(r["site"]), esc(r["position"]), fmt_ci(r["recovery"], r["low"], r["high"]),
                      fmt_ci(s.get("recovery", math.nan), s.get("low", math.nan), s.get("high", math.nan)),
-                     fmt_num(s.get("floor", math.nan)), fmt_num(bool(s.get("within_floor", False)))])  # fmt: skip
+                     _floor(s.get("floor", math.nan)), fmt_num(bool(s.get("within_floor", False)))])  # fmt: skip
     resid = scoring.get((str(loc.residual_site), "final"), {})
     agree = "; ".join(
         f"{a['kind']} {a['scope']} Spearman {fmt_num(a['spearman'], 2)}"
         for a in loc.agreement.to_dict("records")
     )
-    aligned = next(iter(loc.sweeps.values())).meta.get("aligned_pairs", {})
+    aligned = next(iter(loc.sweeps.values())).meta.get("aligned_pairs", {}).get("question")
+    n_pairs = int(next(iter(loc.sweeps.values())).clean_margins.shape[0])
     weak = ("<p class='note'><b>Weak:</b> no site passed the rule; the top final-position site stands in.</p>"
             if loc.weak else "")  # fmt: skip
     return "\n".join([
@@ -75,9 +80,11 @@ def flagged_section(res: AuditResult) -> str:
         weak,
         table(["site", "position", "recovery, selection pairs (chose it)", "recovery, scoring pairs",
                "noise floor (recovery)", "within floor"], rows),
-        f"<p class='note'>Attribution vs exact sweep: {esc(agree) or 'not run'}. Question tokens were patched on "
-        f"{esc(aligned) if aligned else 'no'} pairs whose question has the same token layout in both wordings "
-        "(the others are NaN there).</p>",
+        f"<p class='note'>Attribution vs exact sweep (rank agreement): {esc(agree) or 'not run'}. Question "
+        f"tokens were patched on the {aligned or 0} of {n_pairs} selection pairs whose question has the same "
+        "token layout in both wordings (NaN for the others: a paraphrase of another length has no token "
+        "correspondence). Image tokens come before the question, so their column is zero by construction "
+        "when the image is first.</p>",
     ])  # fmt: skip
 
 
