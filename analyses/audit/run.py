@@ -34,7 +34,7 @@ from analyses.audit.pairs import PairSplit, split_pairs
 from analyses.audit.stages import STAGES, AuditFolder, StageRecord, digest_folder
 from analyses.data.schema import ImageSource, QuestionRow
 from analyses.eval.evaluate import EvalConfig, evaluate
-from analyses.eval.fingerprint import OWN_KEYS
+from analyses.eval.fingerprint import OWN_KEYS, _jsonable
 from analyses.eval.predictions import RunChanged, RunFolder, dataset_hash
 from analyses.eval.quadrants import DEFAULT_RULE, QuadrantRule
 
@@ -128,7 +128,6 @@ def stage_eval(
         except RunChanged:
             if not folder.overwrite:
                 raise
-            folder.check("eval", {"changed": True})  # clears the later stages' folders
             preds = evaluate(
                 adapter, rows, images, out, cfg, progress=folder.progress, skipped=skipped, overwrite=True
             )
@@ -136,18 +135,19 @@ def stage_eval(
         digest = predictions_digest(out / "predictions.jsonl")
         key = {k: v for k, v in meta.items() if k not in OWN_KEYS}
     old = folder.record("eval")
-    if old is not None and old.digest != digest:
-        folder.check(
-            "eval", {**key, "predictions": digest}
-        )  # the predictions changed: later stages are stale
+    key = {**key, "predictions": digest}
+    if old is not None and old.key == _jsonable(key):
+        if folder.progress:
+            print(f"audit: eval already done in {folder.stage_dir('eval')}; reused")
+        return preds, old
+    if old is not None:  # other predictions than recorded: refused, or with overwrite the later stages go
+        folder.refuse_or_clear("eval", old.key, _jsonable(key))
     summary = {
         "n_predictions": len(preds),
         "conditions": sorted(set(preds["condition"])),
         "from_run": str(from_run or ""),
     }
-    rec = folder.record_done(
-        "eval", {**key, "predictions": digest}, digest, time.perf_counter() - t0, summary
-    )
+    rec = folder.record_done("eval", key, digest, time.perf_counter() - t0, summary)
     return preds, rec
 
 

@@ -128,15 +128,23 @@ class AuditFolder:
             if self.progress:
                 print(f"audit: {name} already done in {self.stage_dir(name)} ({done.seconds:.1f} s); reused")
             return done
-        if done is not None and not self.overwrite:
+        if done is not None:
+            self.refuse_or_clear(name, done.key, key)
+            self._clear_from(name)
+        return None
+
+    def refuse_or_clear(self, name: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """A finished stage's inputs changed from ``old`` to ``new``: :class:`StageChanged` naming every
+        difference, or with ``overwrite`` delete every stage after ``name`` (the caller redoes ``name``)."""
+        if not self.overwrite:
             raise StageChanged(
-                f"{self.stage_dir(name)} was computed from other inputs ({'; '.join(key_diff(done.key, key))}): "
+                f"{self.stage_dir(name)} was computed from other inputs ({'; '.join(key_diff(old, new))}): "
                 "rerun with the same ones, or pass --overwrite (overwrite=True) to recompute this stage and "
                 "the ones after it, or use another --out folder"
             )
-        if done is not None:
-            self._clear_from(name)
-        return None
+        later = STAGES[STAGES.index(name) + 1 :]
+        if later:
+            self._clear_from(later[0])
 
     def _clear_from(self, name: str) -> None:
         for later in STAGES[STAGES.index(name) :]:
