@@ -194,6 +194,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from analyses.data.resolve import resolve_data, resolve_model
     from analyses.eval.evaluate import EvalConfig
     from analyses.eval.quadrants import QuadrantRule
+    from analyses.eval.report import summary_table
 
     adapter, model_dir = resolve_model("organism")
     data = resolve_data("synthcxr", "test", args.n_images, model_dir)
@@ -206,6 +207,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     res = run_audit(adapter, data.rows, data.images, Path(args.out), cfg, overwrite=args.overwrite,
                     title="flipscope demo: the shipped organism", data_name=data.source)  # fmt: skip
+    print(summary_table(res.predictions, n_boot=cfg.n_boot, seed=0, rule=cfg.rule))
     print(summary_lines(res))
     return 0
 

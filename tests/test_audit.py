@@ -4,6 +4,7 @@ changed input, report renders)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -195,4 +196,68 @@ def test_audit_report_renders_in_chromium(organism_audit) -> None:
         pytest.skip(f"no headless browser: {how}")
     got = probe_page(organism_audit[2] / "audit.html", path)
     assert got["errors"] == [] and got["has_plotly"]
-    assert len(got["figures"]) >= 4 and all(f["rendered"] and 100 <= f["height"] <= 700 for f in got["figures"])
+    assert len(got["figures"]) >= 4 and all(
+        f["rendered"] and 100 <= f["height"] <= 700 for f in got["figures"]
+    )
+
+
+@pytest.mark.slow
+def test_overwrite_recomputes_the_changed_stage_and_those_after(organism_audit, tmp_path: Path) -> None:
+    """Features (an SAE trained here) and a LoRA check are added to a finished audit: the first stages are
+    reused, the LoRA stage is recomputed, and the report states whether targeted beat the control."""
+    import shutil
+
+    from analyses.audit import FeaturesConfig, LoraCheckConfig, run_audit
+    from analyses.data.resolve import resolve_data
+
+    adapter, data, out, cfg, res = organism_audit
+    copy = tmp_path / "audit"
+    shutil.copytree(out, copy)
+    from analyses.organism.model import MODEL_DIR
+
+    train = resolve_data("synthcxr", "train", 24, MODEL_DIR).rows
+    feats = AuditConfig(eval=cfg.eval, max_pairs=cfg.max_pairs, localize=cfg.localize, n_boot=cfg.n_boot,
+                        features=FeaturesConfig(n_rows=512, steps=150, ig_steps=2, n_boot=100))  # fmt: skip
+    added = run_audit(adapter, data.rows, data.images, copy, feats, train_rows=train, progress=False)
+    assert (
+        added.records["lora"].finished == res.records["lora"].finished
+    )  # a new stage leaves the others alone
+    assert added.records["report"].key != res.records["report"].key  # the report shows it
+    more = dataclasses.replace(
+        feats, lora_check=LoraCheckConfig(seeds=(0,), steps=2, batch_size=4, n_boot=100)
+    )
+    with pytest.raises(StageChanged, match="check"):  # the LoRA stage's inputs changed: refused by default
+        run_audit(adapter, data.rows, data.images, copy, more, train_rows=train, progress=False)
+    got = run_audit(
+        adapter, data.rows, data.images, copy, more, train_rows=train, overwrite=True, progress=False
+    )
+    for stage in ("eval", "pairs", "localize"):
+        assert got.records[stage].finished == res.records[stage].finished, stage
+    assert got.records["features"].finished == added.records["features"].finished
+    assert got.records["lora"].finished >= res.records["lora"].finished and got.check is not None
+    f = got.features
+    assert f.sae["source"] == "trained" and f.sae["site"] == str(res.localization.residual_site)
+    assert 0 <= f.sae["fvu"] < 1 and f.score["n_pairs"] == len(got.split.scoring)
+    t = got.check.table
+    assert list(t.index) == ["base", "targeted", "control", "all_layers"]
+    beats = t.loc["targeted", "register_flip_high"] < t.loc["control", "register_flip_low"]
+    assert got.check.beats == beats and ("did NOT beat" in got.check.verdict()) == (not beats)
+    html = (copy / "audit.html").read_text()
+    assert "id='audit-features'" in html and got.check.verdict().split(":")[0] in html
+
+
+@pytest.mark.slow
+def test_cli_audit_from_an_eval_run(
+    organism_audit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analyses.cli import main
+
+    _, _, out, _, res = organism_audit
+    argv = ["audit", "--n-images", "64", "--conditions", "image,removed", "--max-pairs", "32", "--n-boot", "200",
+            "--from-run", str(out / "eval"), "--until", "localize", "--out", str(tmp_path / "cli"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"layers {res.localization.layers}" in printed
+    assert not (tmp_path / "cli" / "eval" / "predictions.jsonl").exists()  # read from --from-run, not redone
+    assert main([*argv[:2], "32", *argv[3:]]) != 0  # other rows than the eval run's: refused
+    assert "evaluated other rows" in capsys.readouterr().err

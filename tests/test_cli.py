@@ -101,16 +101,19 @@ def test_eval_help_is_grouped_with_defaults_and_help_on_every_option() -> None:
     assert "(default: 64)" in text and "(default: margin_shift)" in text and "(default: runs/eval)" in text
 
 
-def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--n-images", "2", "--out", str(tmp_path / "demo")]) == 0
+def test_demo_runs_the_audit_to_localization(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--n-images", "16", "--out", str(tmp_path / "demo")]) == 0
     first = capsys.readouterr().out
     assert "margin moves by >= 1 logit without the image on every question of the sample" in first
-    assert "already done" not in first
-    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "already done" not in first and "flagged: attn_out(3)@final" in first
+    report = (tmp_path / "demo" / "audit.html").read_text()
     assert "A question relies on the image if its margin moves by at least 1 logit" in report
-    n = sum(1 for _ in (tmp_path / "demo" / "predictions.jsonl").open())
-    assert main(["demo", "--n-images", "2", "--out", str(tmp_path / "demo")]) == 0  # finished: says so
-    assert f"{n}/{n} predictions already done in {tmp_path / 'demo'}; nothing to compute" in capsys.readouterr().out
+    assert "id='localization'" in report and "id='audit-flagged'" in report
+    n = sum(1 for _ in (tmp_path / "demo" / "eval" / "predictions.jsonl").open())
+    assert main(["demo", "--n-images", "16", "--out", str(tmp_path / "demo")]) == 0  # finished: says so
+    again = capsys.readouterr().out
+    assert f"{n}/{n} predictions already done in {tmp_path / 'demo' / 'eval'}; nothing to compute" in again
+    assert "audit: localize already done" in again
 
 
 def test_organism_card_writes_to_out_and_prints_each_planted_failure(

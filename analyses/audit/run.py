@@ -21,7 +21,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -341,7 +341,7 @@ def run_audit(
         model = model_key(adapter)
         runs = pair_runs(adapter, result.split, images)
         result.localization, result.records["localize"] = stage_localize(
-            folder, adapter, runs, cfg.localize, result.records["pairs"], model
+            folder, adapter, runs, replace(cfg.localize, progress=progress), result.records["pairs"], model
         )
         loc_rec = result.records["localize"]
         if until >= 3 and cfg.features is not None:

@@ -5,7 +5,9 @@ the model, and the *digest* (a SHA-256 of the artifacts) of every stage it reads
 (``<out>/<stage>/stage.json`` with ``finished``) whose recorded key equals the new one is not recomputed:
 its artifacts are read back. A recorded key that differs is refused, every differing item named by its
 dotted key (:func:`analyses.eval.fingerprint.compare_meta`'s diff), unless ``overwrite``, which deletes that
-stage's folder and every later stage's before recomputing. Because keys hold the upstream digests, a
+stage's folder and every later stage's before recomputing. A stage that never ran is computed (a stage
+added to a finished audit, e.g. features); the report (:data:`DERIVED`) is redone whenever what it shows
+changed. Because keys hold the upstream digests, a
 changed input anywhere is caught at the first stage that reads it.
 
 A stage is written into ``<stage>.tmp`` and renamed into place when done, so a crash leaves no half stage;
@@ -31,6 +33,8 @@ from analyses.eval.predictions import RunFolder
 #: The audit's stages, in order.
 STAGES: tuple[str, ...] = ("eval", "pairs", "localize", "features", "lora", "report")
 STAGE_FILE = "stage.json"
+#: Stages computed from the others' artifacts alone (the report): redone whenever those change, never refused.
+DERIVED: tuple[str, ...] = ("report",)
 
 
 class StageChanged(ValueError):
@@ -128,7 +132,7 @@ class AuditFolder:
             if self.progress:
                 print(f"audit: {name} already done in {self.stage_dir(name)} ({done.seconds:.1f} s); reused")
             return done
-        if done is not None:
+        if done is not None and name not in DERIVED:
             self.refuse_or_clear(name, done.key, key)
             self._clear_from(name)
         return None
@@ -163,9 +167,11 @@ class AuditFolder:
         done = self.check(name, key)
         if done is not None:
             return done
-        self._clear_from(name)  # a new stage (or a half-written one): everything after it is stale
         key = _jsonable(key)
         tmp = self.stage_dir(name).with_name(name + ".tmp")
+        for stale in (tmp, self.stage_dir(name)):  # a half-written stage, or a derived one being redone
+            if stale.exists():
+                shutil.rmtree(stale)
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
         summary = compute(tmp)
