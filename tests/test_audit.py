@@ -165,6 +165,12 @@ def test_organism_audit_flags_the_planted_layers(organism_audit) -> None:
         f"LoRA on text layers {loc.layers}",
     ):
         assert anchor in html
+    from interp.scores import LayerScores
+
+    scores = LayerScores.from_json(
+        out / "localize" / "layer_scores.json"
+    )  # what `flipscope lora train --scores` reads
+    assert sorted(scores.top_k(len(loc.layers))) == loc.layers
     payload = json.loads((out / "audit.json").read_text())
     assert payload["stages"]["localize"]["summary"]["flagged_layers"] == loc.layers
 

@@ -282,6 +282,9 @@ class Localization:
         self.flagged.to_csv(folder / "flagged.csv", index=False)
         self.scoring.to_csv(folder / "scoring.csv", index=False)
         self.agreement.to_csv(folder / "agreement.csv", index=False)
+        self.layer_scores("audit: selection flip pairs").to_json(
+            folder / "layer_scores.json"
+        )  # for `lora train --scores`
         (folder / "localize.json").write_text(json.dumps(self.summary(), indent=1, default=float))
 
     @classmethod
