@@ -43,9 +43,11 @@ lint: $(STAMP)
 docs: $(STAMP)
 	HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 PLOTLY_RENDERER=notebook $(BIN)/python docs/build_notebooks.py notebooks/*.ipynb --out docs/notebooks
 
-# The README's picture: the demo report in headless Chromium (apt-get install chromium).
+# The README's pictures: the demo's audit report in headless Chromium (apt-get install chromium): its top (the
+# evaluation) and its localization section (heatmap, recovery profile, flagged sites, LoRA recommendation).
 screenshot: demo
-	$(BIN)/python -m analyses.eval.browser runs/demo/report.html docs/report.png 1400 1750
+	$(BIN)/python -m analyses.eval.browser runs/demo/audit.html docs/report.png 1400 1750
+	$(BIN)/python -m analyses.eval.browser "runs/demo/audit.html#localization" docs/audit.png 1400 2050
 
 organism: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/flipscope organism train

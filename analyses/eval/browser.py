@@ -54,8 +54,11 @@ window.addEventListener('load', function () { setTimeout(function () {
   var imgs = Array.prototype.map.call(document.querySelectorAll('.ex img'), function (i) {
     return {decoded: i.complete && i.naturalWidth > 0, natural_width: i.naturalWidth,
             height: i.getBoundingClientRect().height}; });
+  var anchors = {};
+  Array.prototype.forEach.call(document.querySelectorAll('h2[id], h3[id]'), function (h) {
+    anchors[h.id] = h.getBoundingClientRect().top + window.scrollY; });
   var out = document.createElement('pre'); out.id = '__PROBE_ID__';
-  out.textContent = JSON.stringify({errors: window.__probeErrors, figures: figs, images: imgs,
+  out.textContent = JSON.stringify({errors: window.__probeErrors, figures: figs, images: imgs, anchors: anchors,
     page_height: document.documentElement.scrollHeight, has_plotly: !!window.Plotly});
   document.body.appendChild(out);
 }, 300); });
@@ -105,10 +108,11 @@ def probe_page(
 ) -> dict[str, Any]:
     """Load ``page`` (a local HTML file) in headless Chromium and return what it rendered.
 
-    Keys: ``errors`` (uncaught exceptions, resources that failed to load, ``console.error`` calls),
-    ``figures`` (per plotly div: id, height, width in CSS pixels, whether plotly drew it), ``images``
-    (per gallery image: decoded, natural_width, height), ``page_height``, ``has_plotly``. The page is
-    read from a copy with a probe script added at the top of its head; nothing is fetched from a network.
+        Keys: ``errors`` (uncaught exceptions, resources that failed to load, ``console.error`` calls),
+        ``figures`` (per plotly div: id, height, width in CSS pixels, whether plotly drew it), ``images``
+        (per gallery image: decoded, natural_width, height), ``anchors`` (id of each h2 / h3 heading -> its
+    offset from the top of the page, px), ``page_height``, ``has_plotly``. The page is
+        read from a copy with a probe script added at the top of its head; nothing is fetched from a network.
     """
     text = Path(page).read_text(encoding="utf-8")
     if "<head>" not in text and "<head " not in text:
@@ -139,36 +143,55 @@ def screenshot(
     chromium: str,
     window: tuple[int, int] = (1400, 1750),
     timeout_s: float = 120.0,
+    top: int = 0,
 ) -> Path:
-    """A PNG of the top ``window`` of ``page`` as headless Chromium renders it."""
+    """A PNG of ``window`` of ``page`` as headless Chromium renders it, from ``top`` pixels down (the page
+    is rendered ``top`` pixels taller and the PNG cropped)."""
     png = Path(png).resolve()
     png.parent.mkdir(parents=True, exist_ok=True)
-    args = [f"--window-size={window[0]},{window[1]}", "--virtual-time-budget=15000", f"--screenshot={png}",
+    args = [f"--window-size={window[0]},{window[1] + top}", "--virtual-time-budget=15000", f"--screenshot={png}",
             Path(page).resolve().as_uri()]  # fmt: skip
     done = _run(chromium, args, timeout_s)
     if not png.is_file():
         raise RuntimeError(
             f"Chromium wrote no screenshot (exit {done.returncode}): {done.stderr.strip()[-600:]}"
         )
+    if top:
+        from PIL import Image
+
+        with Image.open(png) as im:
+            cropped = im.crop((0, top, im.width, im.height))
+        cropped.save(png)
     return png
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m analyses.eval.browser PAGE PNG [WIDTH HEIGHT]``: probe the page, then screenshot it."""
+    """``python -m analyses.eval.browser PAGE[#ANCHOR] PNG [WIDTH HEIGHT]``: probe the page, then screenshot it
+    (from the element with id ANCHOR down, when given)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 4):
-        print("usage: python -m analyses.eval.browser PAGE.html OUT.png [WIDTH HEIGHT]", file=sys.stderr)
+        print(
+            "usage: python -m analyses.eval.browser PAGE.html[#ANCHOR] OUT.png [WIDTH HEIGHT]",
+            file=sys.stderr,
+        )
         return 2
     chromium, how = find_chromium(install=False)
     if chromium is None:
         print(f"no screenshot: {how}", file=sys.stderr)
         return 1
     window = (int(args[2]), int(args[3])) if len(args) == 4 else (1400, 1750)
-    probe = probe_page(args[0], chromium)
+    page, _, anchor = args[0].partition("#")
+    probe = probe_page(page, chromium)
     if probe["errors"]:
         print("page errors: " + "; ".join(probe["errors"]), file=sys.stderr)
         return 1
-    print(f"wrote {screenshot(args[0], args[1], chromium, window)} ({len(probe['figures'])} figures, "
+    if anchor and anchor not in probe.get("anchors", {}):
+        print(
+            f"no heading with id {anchor!r}; the page has {sorted(probe.get('anchors', {}))}", file=sys.stderr
+        )
+        return 2
+    top = int(probe["anchors"][anchor]) - 10 if anchor else 0
+    print(f"wrote {screenshot(page, args[1], chromium, window, top=top)} ({len(probe['figures'])} figures, "
           f"{len(probe['images'])} images, page {probe['page_height']} px high)")  # fmt: skip
     return 0
 
