@@ -165,11 +165,10 @@ def stage_report(
         if meta.exists():  # the report's header reads the run's settings from it
             shutil.copy(meta, tmp / "meta.json")
         kind = str(loc.flagged.sort_values("recovery", ascending=False)["kind"].iloc[0])
-        extra = [pairs_section(res), flagged_section(res), features_section(res), lora_section(res),
-                 timing_section(res.records)]  # fmt: skip
+        extra = [flagged_section(res), features_section(res), lora_section(res), timing_section(res.records)]
         write_report(res.predictions, tmp, title or "flipscope audit", cfg.n_boot, cfg.eval.seed, cfg.rule,
                      images=images, data=data_name, patching=loc.sweeps[kind], attribution=loc.attribution.get(kind),
-                     extra_sections=extra, filename=REPORT_FILE)  # fmt: skip
+                     lead_sections=[pairs_section(res)], extra_sections=extra, filename=REPORT_FILE)  # fmt: skip
         (tmp / JSON_FILE).write_text(json.dumps(audit_payload(res), indent=1, default=float))
         return {"kind_shown": kind}
 

@@ -132,7 +132,11 @@ def differing_settings(metas: dict[str, dict[str, Any]]) -> pd.DataFrame:
 def family_columns(families: Sequence[str] | str) -> tuple[str, ...]:
     """Families given as names or ``"all"`` (every paraphrase family), checked."""
     if isinstance(families, str):
-        families = PARAPHRASE_FAMILIES if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
+        families = (
+            PARAPHRASE_FAMILIES
+            if families == "all"
+            else [f.strip() for f in families.split(",") if f.strip()]
+        )
     bad = [f for f in families if f not in PARAPHRASE_FAMILIES]
     if bad:
         raise ValueError(f"unknown families {bad}: use 'all' or some of {', '.join(PARAPHRASE_FAMILIES)}")
@@ -311,7 +315,9 @@ class RunComparison:
         if self.settings.empty:
             return "<p>Settings: every run was made the same way (their <code>meta.json</code> agree).</p>"
         rows = [[f"<code>{esc(k)}</code>", *(esc(v) for v in r)] for k, r in self.settings.iterrows()]
-        return "<h2>Settings that differ</h2>" + table(["setting (meta.json)", *map(str, self.settings.columns)], rows)
+        return "<h2>Settings that differ</h2>" + table(
+            ["setting (meta.json)", *map(str, self.settings.columns)], rows
+        )
 
     def to_html(self, title: str = "flipscope: runs compared", plotly_src: str | None = None) -> str:
         """An offline HTML page: one row per run (value and CI per cell), the settings that differ, the
@@ -401,4 +407,6 @@ def compare_runs(
         records.append(row)
     table_ = pd.DataFrame.from_records(records).set_index("run")
     settings = differing_settings(metas)
-    return RunComparison(table_, _long(summaries), rule, base, level, summaries, preds, migrations, settings, fams)
+    return RunComparison(
+        table_, _long(summaries), rule, base, level, summaries, preds, migrations, settings, fams
+    )

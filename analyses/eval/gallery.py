@@ -185,7 +185,7 @@ def gallery_section(
         )
         if dang.empty:  # may have no columns at all: nothing to group
             parts.append("<p>No Dangerous sample in this run.</p>")
-        for fam, group in ([] if dang.empty else dang.groupby("family", sort=False)):
+        for fam, group in [] if dang.empty else dang.groupby("family", sort=False):
             parts.append(
                 f"<h3 class='note'>answered without the image: {esc(fam)} question</h3><div class='gallery'>"
                 + "".join(example_card(r, thumbs, "dangerous") for _, r in group.iterrows())

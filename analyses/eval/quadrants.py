@@ -87,7 +87,6 @@ class QuadrantRule:
             f"on one image) is image-reliant if {scope}, and consistent if {consistent}."
         )
 
-
     def brief(self) -> str:
         """The rule in a few words, for a table cell or a terminal line."""
         moved = (

@@ -338,6 +338,7 @@ def write_report(
     sae_features: pd.DataFrame | None = None,
     per_family: int = 4,
     max_dangerous: int = 8,
+    lead_sections: Sequence[str] = (),
     extra_sections: Sequence[str] = (),
     filename: str = "report.html",
 ) -> Path:
@@ -348,7 +349,7 @@ def write_report(
     names the data set in the header. ``patching`` (an activation-patching result) adds the localization
     section, with ``attribution`` (an attribution-patching result or LayerScores) overlaid on the
     recovery profile and ``sae_features`` (:func:`interp.sae_attr.top_features`) as a table.
-    ``extra_sections`` (HTML) follow the localization section (the audit's flagged sites, features and
+    ``lead_sections`` (HTML) come just before the localization section and ``extra_sections`` follow it (the audit's flagged sites, features and
     LoRA sections); the page is written to ``out_dir / filename``.
     """
     out = Path(out_dir)
@@ -366,6 +367,7 @@ def write_report(
         sections.append(_quadrant_section(df, s, rule, removal))
     sections.append(gallery_section(df, s["quadrants"], rule, thumbs, per_family, max_dangerous))
     sections.append(_tables_section(s))
+    sections.extend(lead_sections)
     if patching is not None:
         from analyses.eval.localization import localization_section
 

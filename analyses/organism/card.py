@@ -279,7 +279,9 @@ def planted_checks(m: dict[str, Any]) -> list[tuple[str, str, str]]:
     Dangerous; the rare family's separation is reported, not required (its plant is a sampling weight)."""
     d = m.get("detections") or {}
     if not d:
-        return [("planted failures", "fail", "not measured: no planted_truth.json or no clean/ beside the model")]
+        return [
+            ("planted failures", "fail", "not measured: no planted_truth.json or no clean/ beside the model")
+        ]
     reg, pr, rare = d["register"], d["prior_finding"], d["rare_family"]
     reg_ok = reg["found_at_planted_sites"] and reg["joint_recovery_planted_sites"] >= MIN_JOINT_RECOVERY
     prior_ok = (
