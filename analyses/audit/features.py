@@ -99,6 +99,7 @@ def get_sae(
     train_rows: Sequence[QuestionRow],
     images: ImageSource,
     out: Path,
+    progress: bool = False,
 ) -> tuple[LoadedSAE, dict[str, Any]]:
     """The stage's SAE and its record (loaded from ``cfg.sae``, or trained and saved under ``out/sae``)."""
     from interp.sae import load_sae, save_sae
@@ -111,7 +112,7 @@ def get_sae(
     x = training_activations(adapter, train_rows, images, site, cfg.n_rows, cfg.seed, cfg.batch_size)
     width = cfg.width or 2 * adapter.d_model
     tc = SAETrainConfig(site=site, width=width, k=cfg.k, steps=cfg.steps, lr=3e-3, seed=cfg.seed,
-                        release="flipscope-audit", progress=False)  # fmt: skip
+                        release="flipscope-audit", progress=progress)  # fmt: skip
     sae, report = train_sae(x, tc)
     save_sae(sae, out / "sae")
     return sae, {"source": "trained", "site": str(site), "flagged_site": str(site), "width": width, "k": cfg.k,

@@ -236,7 +236,7 @@ def stage_features(
     holder: dict[str, FeatureResult] = {}
 
     def compute(tmp: Path) -> dict[str, Any]:
-        sae, record = get_sae(adapter, cfg, loc.residual_site, train_rows, images, tmp)
+        sae, record = get_sae(adapter, cfg, loc.residual_site, train_rows, images, tmp, folder.progress)
         holder["res"] = res = score_features(
             adapter, sae, runs["selection"], runs["scoring"], runs["others"], record, cfg
         )
