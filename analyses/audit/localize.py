@@ -315,7 +315,7 @@ def localize(
     from interp.attribution import agreement, attribution_patching
 
     cfg = config or LocalizeConfig()
-    if len(selection[0]) == 0 or len(scoring[0]) == 0:
+    if selection is None or scoring is None or len(selection[0]) == 0 or len(scoring[0]) == 0:
         raise ValueError(
             "localize needs flip pairs in both halves (selection and scoring): audit more images"
         )

@@ -189,19 +189,37 @@ def stage_pairs(
     return holder.get("split") or PairSplit.load(folder.stage_dir("pairs"), rows), rec
 
 
-def pair_runs(adapter: VLMAdapter, split: PairSplit, images: ImageSource) -> dict[str, Any]:
-    """(clean, corrupt) batches of the selection, scoring and other pairs (``others``: ``None`` if empty)."""
-    from analyses.eval.pairs import pair_batches
+class PairRuns:
+    """(clean, corrupt) batches of the selection, scoring and other pairs, each built on first use (a stage
+    read back from disk needs none of them); ``others`` is ``None`` when there are no other pairs."""
 
-    return {"selection": pair_batches(adapter, split.selection, images),
-            "scoring": pair_batches(adapter, split.scoring, images),
-            "others": pair_batches(adapter, split.others, images) if split.others else None}  # fmt: skip
+    def __init__(self, adapter: VLMAdapter, split: PairSplit, images: ImageSource) -> None:
+        self.adapter, self.split, self.images = adapter, split, images
+        self._built: dict[str, Any] = {}
+
+    def _get(self, name: str) -> Any:
+        from analyses.eval.pairs import pair_batches
+
+        if name not in self._built:
+            pairs = getattr(self.split, name)
+            self._built[name] = pair_batches(self.adapter, pairs, self.images) if pairs else None
+        return self._built[name]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in ("selection", "scoring", "others"):
+            raise KeyError(f"{name!r}: the pair sets are selection, scoring and others")
+        return self._get(name)
+
+
+def pair_runs(adapter: VLMAdapter, split: PairSplit, images: ImageSource) -> PairRuns:
+    """The batches of a split's pair sets, built lazily (:class:`PairRuns`)."""
+    return PairRuns(adapter, split, images)
 
 
 def stage_localize(
     folder: AuditFolder,
     adapter: VLMAdapter,
-    runs: dict[str, Any],
+    runs: PairRuns,
     cfg: LocalizeConfig,
     pairs_rec: StageRecord,
     model: dict[str, Any],
@@ -222,7 +240,7 @@ def stage_localize(
 def stage_features(
     folder: AuditFolder,
     adapter: VLMAdapter,
-    runs: dict[str, Any],
+    runs: PairRuns,
     loc: Localization,
     cfg: FeaturesConfig,
     train_rows: Sequence[QuestionRow],
