@@ -26,6 +26,8 @@ from analyses.data.schema import ImageSource, QuestionRow
 from hooks.sites import Site
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from hooks.adapter import VLMAdapter
     from hooks.batch import Batch
     from interp.sae import LoadedSAE
@@ -158,10 +160,14 @@ def score_features(
     others: tuple[Batch, Batch] | None,
     record: dict[str, Any],
     cfg: FeaturesConfig,
+    direction: Tensor | None = None,
 ) -> FeatureResult:
-    """Choose on ``selection``, score on ``scoring`` with ``others`` for collateral (module doc)."""
+    """Choose on ``selection``, score on ``scoring`` with ``others`` for collateral (module doc).
+
+    ``direction``: a known direction at the SAE's site (e.g. a planted one); the score then carries the
+    chosen feature's decoder cosine with it (NaN without one, as in an audit, where none is known)."""
     from interp.sae_score import choose_and_score
 
-    feature, table, sc = choose_and_score(adapter, sae, selection, scoring, others, None, steps=cfg.ig_steps,
+    feature, table, sc = choose_and_score(adapter, sae, selection, scoring, others, direction, steps=cfg.ig_steps,
                                           n_boot=cfg.n_boot, seed=cfg.seed)  # fmt: skip
     return FeatureResult(record, feature, table, asdict(sc))
