@@ -113,7 +113,9 @@ def get_sae(
                      "site": str(sae.site), "flagged_site": str(site)}  # fmt: skip
     x = training_activations(adapter, train_rows, images, site, cfg.n_rows, cfg.seed, cfg.batch_size)
     width = cfg.width or 2 * adapter.d_model
-    tc = SAETrainConfig(site=site, width=width, k=cfg.k, steps=cfg.steps, lr=3e-3, seed=cfg.seed,
+    n = int(x.shape[0])  # train_sae holds out val_fraction and needs a batch of the rest
+    batch = min(SAETrainConfig.batch_size, n - max(1, round(n * SAETrainConfig.val_fraction)))
+    tc = SAETrainConfig(site=site, width=width, k=cfg.k, steps=cfg.steps, batch_size=batch, lr=3e-3, seed=cfg.seed,
                         release="flipscope-audit", progress=progress)  # fmt: skip
     sae, report = train_sae(x, tc)
     save_sae(sae, out / "sae")
