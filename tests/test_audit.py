@@ -267,3 +267,40 @@ def test_cli_audit_from_an_eval_run(
     assert not (tmp_path / "cli" / "eval" / "predictions.jsonl").exists()  # read from --from-run, not redone
     assert main([*argv[:2], "32", *argv[3:]]) != 0  # other rows than the eval run's: refused
     assert "evaluated other rows" in capsys.readouterr().err
+
+
+def test_reuse_features_encodes_each_image_once_and_changes_no_margin() -> None:
+    from analyses.data.resolve import resolve_data, resolve_model
+    from analyses.eval.pairs import pair_batches, paraphrase_pairs
+    from hooks.batch_features import batch_features, reuse_features
+
+    adapter, model_dir = resolve_model("organism")
+    data = resolve_data("synthcxr", "test", 3, model_dir)
+    every = paraphrase_pairs(data.rows)
+    images = sorted({p.original.image_id for p in every})
+    pairs = [p for img in images for p in [q for q in every if q.original.image_id == img][:4]]  # 3 images x 4
+    clean, corrupt = pair_batches(adapter, pairs, data.images)
+    calls: list[int] = []
+    encode = adapter.image_features
+
+    def counted(inputs):  # type: ignore[no-untyped-def]
+        out = encode(inputs)
+        calls.append(len(out))
+        return out
+
+    adapter.image_features = counted  # type: ignore[method-assign]
+    try:
+        plain = [adapter.margins(b, image_features=batch_features(adapter, b)) for b in (clean, corrupt)]
+        n_plain = sum(calls)
+        calls.clear()
+        with reuse_features(adapter) as cache:
+            shared = [adapter.margins(b, image_features=batch_features(adapter, b)) for b in (clean, corrupt)]
+            again = batch_features(adapter, corrupt.select([3, 0]))
+        after = batch_features(adapter, clean)  # the scope is closed: encoded again
+    finally:
+        del adapter.image_features
+    assert len(images) == 3 and n_plain == 24  # without the scope: every row's image, in each batch
+    assert calls[0] == 3 and len(cache) == 3 and sum(calls[1:]) == 12  # inside: 3 images once; after: all 12
+    assert all(torch.equal(a, b) for a, b in zip(plain, shared, strict=True))
+    assert again is not None and torch.equal(again[1], batch_features(adapter, corrupt)[0])
+    assert after is not None and len(after) == 12

@@ -37,6 +37,7 @@ from analyses.eval.evaluate import EvalConfig, evaluate
 from analyses.eval.fingerprint import OWN_KEYS, _jsonable
 from analyses.eval.predictions import RunChanged, RunFolder, dataset_hash
 from analyses.eval.quadrants import DEFAULT_RULE, QuadrantRule
+from hooks.batch_features import reuse_features
 
 if TYPE_CHECKING:
     from hooks.adapter import VLMAdapter
@@ -78,13 +79,16 @@ def _settings(obj: Any, drop: Sequence[str] = ("progress",)) -> dict[str, Any]:
     return {k: v for k, v in asdict(obj).items() if k not in drop}
 
 
-def model_key(adapter: VLMAdapter) -> dict[str, Any]:
-    """What identifies the model a stage ran: its description, weight hashes and runtime settings."""
-    from analyses.eval.fingerprint import runtime_fingerprint, weights_fingerprint
+def model_key(adapter: VLMAdapter, eval_rec: StageRecord) -> dict[str, Any]:
+    """What identifies the model a stage runs: its description and runtime settings, and the weight hashes
+    the eval stage recorded (computed there once, or checked against ``--from-run``'s: hashing a 4B model's
+    parameters again would cost seconds per run)."""
+    from analyses.eval.fingerprint import runtime_fingerprint
 
+    meta = eval_rec.key.get("meta", eval_rec.key)
     return {
         "describe": adapter.describe(),
-        "weights": weights_fingerprint(adapter),
+        "weights": meta.get("weights"),
         "runtime": runtime_fingerprint(adapter),
     }
 
@@ -356,16 +360,30 @@ def run_audit(
         result.split, result.records["pairs"] = stage_pairs(folder, preds, rows, cfg, rec)
         if until < 2:
             return result
-        model = model_key(adapter)
+        model = model_key(adapter, rec)
         runs = pair_runs(adapter, result.split, images)
-        result.localization, result.records["localize"] = stage_localize(
-            folder, adapter, runs, replace(cfg.localize, progress=progress), result.records["pairs"], model
-        )
-        loc_rec = result.records["localize"]
-        if until >= 3 and cfg.features is not None:
-            result.features, result.records["features"] = stage_features(
-                folder, adapter, runs, result.localization, cfg.features, train_rows, images, loc_rec, model
+        with reuse_features(adapter):  # every stage below patches the same pairs: each image encoded once
+            result.localization, result.records["localize"] = stage_localize(
+                folder,
+                adapter,
+                runs,
+                replace(cfg.localize, progress=progress),
+                result.records["pairs"],
+                model,
             )
+            loc_rec = result.records["localize"]
+            if until >= 3 and cfg.features is not None:
+                result.features, result.records["features"] = stage_features(
+                    folder,
+                    adapter,
+                    runs,
+                    result.localization,
+                    cfg.features,
+                    train_rows,
+                    images,
+                    loc_rec,
+                    model,
+                )
         if until >= 4:
             result.recommendation, result.check, result.records["lora"] = stage_lora(
                 folder, adapter, result.localization, result.split, cfg, train_rows, rows, images, loc_rec
