@@ -47,7 +47,7 @@ docs: $(STAMP)
 # evaluation) and its localization section (heatmap, recovery profile, flagged sites, LoRA recommendation).
 screenshot: demo
 	$(BIN)/python -m analyses.eval.browser runs/demo/audit.html docs/report.png 1400 1750
-	$(BIN)/python -m analyses.eval.browser "runs/demo/audit.html#localization" docs/audit.png 1400 2050
+	$(BIN)/python -m analyses.eval.browser "runs/demo/audit.html#localization" docs/audit.png 1400 1640
 
 organism: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/flipscope organism train

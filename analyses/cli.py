@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from analyses.options import HelpFormatter, add_eval_data, add_eval_model, add_eval_run, add_rule_arguments
+
 DEFAULT_RUNS = Path("runs")
 
 
@@ -304,91 +306,6 @@ def _cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Help with each option's default appended, unless it is empty or the help already names it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        empty = default is None or default is False or default == "" or default == argparse.SUPPRESS
-        if not action.option_strings or empty or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def _add_rule_arguments(p: Any) -> None:
-    """``--reliance`` / ``--min-margin-shift``: the quadrant rule (default: ``QuadrantRule()``, the demo's)."""
-    from analyses.eval.quadrants import DEFAULT_RULE
-
-    p.add_argument(
-        "--reliance",
-        default=DEFAULT_RULE.reliance,
-        choices=["pred_change", "margin_shift"],
-        help="quadrant rule: image-reliant if the margin moves by --min-margin-shift without the image "
-        "(margin_shift) or if the answer changes (pred_change), on every question of the sample",
-    )
-    p.add_argument(
-        "--min-margin-shift",
-        type=float,
-        default=DEFAULT_RULE.min_margin_shift,
-        help="logits, for --reliance margin_shift",
-    )
-
-
-def _add_eval_data(ev: argparse.ArgumentParser) -> None:
-    from analyses.data.resolve import add_data_arguments
-
-    g = ev.add_argument_group("data", "which questions and images")
-    g.add_argument(
-        "--data",
-        default="synthcxr",
-        help="'synthcxr'; a file (jsonl/json/csv/parquet, .gz ok) in the flipscope, PSF-Med / flip-bank or "
-        "CheXpert-label layout; or a hub dataset such as saillab/psf-med:mimic",
-    )
-    g.add_argument("--split", default="test", help="split of the data to evaluate (train, val, test)")
-    g.add_argument("--n-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
-    add_data_arguments(g)  # type: ignore[arg-type]  # an argument group takes the same add_argument
-    g.add_argument(
-        "--conditions",
-        default="image,removed,swap_random,swap_label",
-        help="comma-separated subset of image, removed, swap_random, swap_label",
-    )
-    g.add_argument(
-        "--removal",
-        default="gray",
-        choices=["gray", "white", "noise", "none"],
-        help="what replaces the image under the 'removed' condition",
-    )
-
-
-def _add_eval_model(ev: argparse.ArgumentParser) -> None:
-    from analyses.data.resolve import add_model_arguments
-    from lora_targeted.cli import add_prompt_options
-
-    g = ev.add_argument_group("model", "which model and how it is prompted")
-    g.add_argument("--model", default="organism", help="'organism', a local folder, or a hub id")
-    add_model_arguments(g)  # type: ignore[arg-type]
-    add_prompt_options(g)  # type: ignore[arg-type]
-
-
-def _add_eval_run(ev: argparse.ArgumentParser) -> None:
-    g = ev.add_argument_group("run", "how the forwards run")
-    g.add_argument("--batch-size", type=int, default=64, help="questions per forward (no effect on margins)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the swap partners, noise and bootstrap")
-    g.add_argument(
-        "--forward",
-        default="auto",
-        choices=["auto", "prefix", "full"],
-        help="prefix: each image's prefix runs once, rows are suffix-only forwards (image before the question); "
-        "full: whole-sequence forwards; auto (default): prefix where the prompt allows. Same margins to rounding",
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the text layers (GPU: faster after a slow start; off by default)",
-    )
-
-
 def _add_eval_output(ev: argparse.ArgumentParser) -> None:
     g = ev.add_argument_group("output", "where results go and how they are summarised")
     g.add_argument(
@@ -398,7 +315,7 @@ def _add_eval_output(ev: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="start the --out folder afresh (deletes its predictions)"
     )
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    _add_rule_arguments(g)
+    add_rule_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument(
         "--track",
@@ -417,11 +334,11 @@ def _add_eval_parser(sub: Any) -> None:
         help="paraphrase-sensitivity evaluation (resumable)",
         description="Evaluate a model on paraphrased questions; resumable: re-run the same command to "
         "continue, or to re-print a finished run's summary.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    _add_eval_data(ev)
-    _add_eval_model(ev)
-    _add_eval_run(ev)
+    add_eval_data(ev)
+    add_eval_model(ev)
+    add_eval_run(ev)
     _add_eval_output(ev)
     ev.set_defaults(func=_cmd_eval)
 
@@ -446,7 +363,7 @@ def _add_organism_parsers(sub: Any) -> None:
     tr.set_defaults(func=_cmd_organism_train)
     card = org.add_parser(
         "card",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         help="measure the checkpoint, check each planted failure is found, write MODEL_CARD.md to --out",
     )
     card.add_argument("--model", default="organism/model", help="the planted checkpoint (clean/ beside it)")
@@ -472,7 +389,7 @@ def _add_compare_parser(sub: Any) -> None:
 
     cmp = sub.add_parser(
         "compare",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         help="tabulate finished run folders: metrics and quadrant shares with CIs, one row per run",
     )
     cmp.add_argument(
@@ -489,7 +406,7 @@ def _add_compare_parser(sub: Any) -> None:
     )
     cmp.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    _add_rule_arguments(cmp)
+    add_rule_arguments(cmp)
     cmp.add_argument(
         "--families",
         default=",".join(DEFAULT_FAMILIES),

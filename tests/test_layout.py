@@ -22,6 +22,8 @@ LAYERS: tuple[str, ...] = (
     "analyses.eval",
     "analyses.organism",
     "lora_targeted",
+    "analyses.options",
+    "analyses.audit",
     "analyses.cli",
 )
 

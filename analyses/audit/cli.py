@@ -158,12 +158,12 @@ def summary_lines(res: Any) -> str:
 
 
 def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
-    from analyses.cli import (
-        _add_eval_data,
-        _add_eval_model,
-        _add_eval_run,
-        _add_rule_arguments,
-        _HelpFormatter,
+    from analyses.options import (
+        HelpFormatter,
+        add_eval_data,
+        add_eval_model,
+        add_eval_run,
+        add_rule_arguments,
     )
 
     p = sub.add_parser(
@@ -171,12 +171,12 @@ def add_audit_parser(sub: Any) -> argparse.ArgumentParser:
         description="The method in one command: evaluate, split flip pairs by image, localize the flip (component "
         "sweep, attribution, a fixed flag rule re-measured on held-out pairs), name SAE features, recommend LoRA "
         "layers (and check them), and write audit.html. Resumable: rerun the same command to continue.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    _add_eval_data(p)
-    _add_eval_model(p)
-    _add_eval_run(p)
+    add_eval_data(p)
+    add_eval_model(p)
+    add_eval_run(p)
     _add_audit_options(p)
-    _add_rule_arguments(p)
+    add_rule_arguments(p)
     p.set_defaults(func=_cmd_audit)
     return p
