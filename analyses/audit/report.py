@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from analyses.audit.stages import AuditFolder, StageRecord
 
 REPORT_FILE, JSON_FILE = "audit.html", "audit.json"
+#: Columns of the arms' table that are counts (means over seeds), shown to one decimal.
+COUNTS = ("Dangerous", "into_dangerous")
 
 
 def _ci(v: Any) -> str:
@@ -130,7 +132,7 @@ def lora_section(res: AuditResult) -> str:
         fam = c.family
         cols = [f"{fam}_flip", "flip_rate", "text_only_agreement", "accuracy", "Dangerous", "into_dangerous"]
         rows = [[esc(arm), fmt_ci(t[f"{fam}_flip"], t[f"{fam}_flip_low"], t[f"{fam}_flip_high"]),
-                 *(fmt_num(t[k]) for k in cols[1:])] for arm, t in c.table.iterrows()]  # fmt: skip
+                 *(fmt_num(t[k], 1 if k in COUNTS else 3) for k in cols[1:])] for arm, t in c.table.iterrows()]  # fmt: skip
         parts += [f"<p class='lead'><b>{esc(c.verdict())}</b>.</p>", table(["arm", *cols], rows)]
     return "\n".join(parts)
 
