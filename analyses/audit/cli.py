@@ -118,7 +118,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if data.report:
         print(data.report)
     train_rows: list[Any] = []
-    if (cfg.features is not None and cfg.features.sae == "train") or cfg.lora_check is not None:
+    if cfg.needs_train_rows:
         train = resolve_data(args.data, "train", args.train_images, model_dir, args.image_root, options)
         train_rows = train.rows
     res = run_audit(

@@ -70,6 +70,11 @@ class AuditConfig:
     until: str = "report"
     """Last stage to run."""
 
+    @property
+    def needs_train_rows(self) -> bool:
+        """An SAE trained here (``--sae train``) or the LoRA check reads the data's train split."""
+        return (self.features is not None and self.features.sae == TRAIN) or self.lora_check is not None
+
     def __post_init__(self) -> None:
         if self.until not in STAGES:
             raise ValueError(f"until={self.until!r}: choose one of {STAGES}")
@@ -342,9 +347,7 @@ def run_audit(
     from analyses.audit.report import stage_report
 
     cfg = config or AuditConfig()
-    if (
-        (cfg.features is not None and cfg.features.sae == TRAIN) or cfg.lora_check is not None
-    ) and not train_rows:
+    if cfg.needs_train_rows and not train_rows:
         raise ValueError(
             "--sae train and --lora-check need training rows (the data's train split): none were given"
         )
